@@ -1,0 +1,60 @@
+"""Appliance VMs: a VM created from an appliance image runs that appliance while powered on.
+
+The image catalogue names the images the simulator can deploy (the same names
+the OVA builds in ``packer/`` produce). Powering such a VM on writes its OVF
+environment (its OVF properties plus the role of the image) and starts the
+appliance guest agent as a child of the host process, so a host failure takes
+the appliance down with it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from appliance import ovf
+
+from .procs import spawn, stop_process
+import psutil
+
+IMAGES = {
+    "tidemark-vra": {"role": "vra", "vcpus": 2, "memory_mib": 4096},
+    "tidemark-zvm": {"role": "zvm", "vcpus": 2, "memory_mib": 8192},
+    "tidemark-zca": {"role": "zca", "vcpus": 4, "memory_mib": 16384},
+    "tidemark-vba": {"role": "vba", "vcpus": 2, "memory_mib": 4096},
+}
+
+
+class ApplianceProcess:
+    def __init__(self, cfg: dict, workdir: Path):
+        if cfg["image"] not in IMAGES:
+            raise ValueError(f"unknown appliance image {cfg['image']!r}; known: {', '.join(IMAGES)}")
+        self.cfg = cfg
+        self.dir = workdir
+        self.proc = None
+
+    def start(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        props = {"role": IMAGES[self.cfg["image"]]["role"], **self.cfg.get("properties", {})}
+        env_path = self.dir / "ovf-env.xml"
+        env_path.write_text(ovf.render(props, self.cfg["instance_uuid"]))
+        env_path.chmod(0o600)
+        info = self.dir / "guestinfo.json"
+        info.unlink(missing_ok=True)
+        self.proc = spawn([sys.executable, "-m", "appliance.guest", "--ovf-env", str(env_path),
+                           "--info", str(info)], self.dir / "console.log")
+
+    def status(self) -> dict:
+        info = {}
+        try:
+            info = json.loads((self.dir / "guestinfo.json").read_text())
+        except (FileNotFoundError, ValueError):
+            pass
+        alive = self.proc is not None and self.proc.poll() is None
+        return {"vm": self.cfg["name"], "image": self.cfg["image"], "pid": self.proc.pid if alive else None,
+                "running": alive, "guest": info}
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            stop_process(psutil.Process(self.proc.pid), timeout=10)
+            self.proc.wait(5)

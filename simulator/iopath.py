@@ -1,0 +1,369 @@
+"""A host's IO path: the role of the hypervisor's IO filter.
+
+Every guest write lands in the VM's disk file and, while a VRA is attached to
+the host, is mirrored into the host's ring (``ring.py``) in order, with a
+per-host sequence number (``seq``) and a per-VM one (``vm_seq``). When no VRA is
+attached, or the ring stays full for longer than the stall budget (50 ms), the
+write is recorded in the disk's dirty bitmap instead; the guest never waits
+longer than that. A bitmap sync later reads the dirty blocks back from the disk
+*inside the stream* (SYNC records), so the consumer applies them in order with
+the writes around them.
+
+Ordering for one write (crash safety, see docs/FORMAT.md):
+1. reserve the record (seq, vm_seq), fill the payload, write its header but not
+   its magic;
+2. pwrite the payload to the disk file;
+3. write the magic (commit): the consumer may now apply it;
+4. acknowledge the guest.
+A host that dies between 2 and 3 leaves an uncommitted reservation: recovery
+marks its region dirty and turns it into padding, so the bitmap covers it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from . import ring as R
+
+DIRTY_BLOCK = 64 << 10       # bitmap granularity
+STALL_BUDGET = 0.050         # longest a guest write may wait for ring space
+
+
+class Disk:
+    """A virtual disk: a sparse file plus a persistent dirty bitmap (one bit per 64 KiB)."""
+
+    def __init__(self, index: int, path: str, capacity: int, block: int = DIRTY_BLOCK):
+        self.index = index
+        self.path = path
+        self.capacity = capacity
+        self.block = block
+        self.nblocks = (capacity + block - 1) // block
+        self.lock = threading.Lock()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self.fd).st_size < capacity:
+            os.ftruncate(self.fd, capacity)
+        self.cbt_path = path + ".cbt"
+        nbytes = max(4096, (self.nblocks + 7) // 8)
+        self._cbt_fd = os.open(self.cbt_path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self._cbt_fd).st_size != nbytes:
+            os.ftruncate(self._cbt_fd, nbytes)
+        self._cbt = mmap.mmap(self._cbt_fd, nbytes)
+
+    def close(self):
+        self._cbt.flush()
+        self._cbt.close()
+        os.close(self._cbt_fd)
+        os.close(self.fd)
+
+    # -- dirty bitmap ---------------------------------------------------
+    def mark_dirty(self, offset: int, length: int):
+        first = offset // self.block
+        last = (offset + max(length, 1) - 1) // self.block
+        cbt = self._cbt
+        for b in range(first, min(last, self.nblocks - 1) + 1):
+            cbt[b >> 3] |= 1 << (b & 7)
+
+    def bitmap(self) -> bytes:
+        return bytes(self._cbt[:(self.nblocks + 7) // 8])
+
+    def dirty_count(self) -> int:
+        return int.from_bytes(self._cbt[:(self.nblocks + 7) // 8], "little").bit_count()
+
+    def take_bitmap(self) -> bytes:
+        """Copy and clear the bitmap (callers hold ``lock``)."""
+        data = self.bitmap()
+        self._cbt[:len(data)] = bytes(len(data))
+        return data
+
+    def clear_bitmap(self):
+        with self.lock:
+            self.take_bitmap()
+
+    def sha256(self) -> str:
+        return sha256_file(self.path, self.capacity)
+
+
+def sha256_file(path: str, capacity: int) -> str:
+    """SHA-256 of a disk's content as its VM sees it (``capacity`` bytes, holes read as zeros)."""
+    h = hashlib.sha256()
+    buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        left = capacity
+        while left > 0:
+            n = f.readinto(view[:min(left, len(buf))])
+            if not n:
+                break
+            h.update(view[:n])
+            left -= n
+        if left > 0:  # a file shorter than its capacity reads as zeros past its end
+            zero = bytes(min(left, 4 << 20))
+            while left > 0:
+                n = min(left, len(zero))
+                h.update(zero[:n])
+                left -= n
+    return h.hexdigest()
+
+
+def dirty_blocks(bitmap: bytes):
+    """Block numbers set in a bitmap, ascending."""
+    for i, byte in enumerate(bitmap):
+        if byte:
+            for bit in range(8):
+                if byte >> bit & 1:
+                    yield i * 8 + bit
+
+
+@dataclass
+class VMRuntime:
+    """A powered-on VM as its host sees it."""
+
+    uuid: str
+    name: str
+    disks: list[Disk]
+    generation: int = 1
+    vm_seq: int = 0
+    uuid_bytes: bytes = b""
+
+    def __post_init__(self):
+        self.uuid_bytes = uuidlib.UUID(self.uuid).bytes
+
+
+@dataclass
+class IOStats:
+    writes: int = 0
+    bytes: int = 0
+    mirrored_writes: int = 0
+    mirrored_bytes: int = 0
+    bitmap_writes: int = 0
+    bitmap_bytes: int = 0
+    sync_blocks: int = 0
+    max_stall_ms: float = 0.0
+    stalls_over_budget: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class IOPath:
+    """The host-wide write path and mirror state."""
+
+    def __init__(self, ring_path: str, ring_capacity: int = 64 << 20,
+                 stall_budget: float = STALL_BUDGET):
+        self.ring_path = ring_path
+        self.ring = R.RingProducer(ring_path, ring_capacity, create=not os.path.exists(ring_path))
+        self.stall_budget = stall_budget
+        self.attached: str | None = None   # name of the attached VRA
+        self.vms: dict[str, VMRuntime] = {}
+        self.stats = IOStats()
+        self._lock = threading.RLock()     # attach/detach/VM table changes
+
+    # -- guest writes -----------------------------------------------------
+    def write(self, vm: VMRuntime, disk: Disk, offset: int, length: int, fill) -> bool:
+        """One guest write; ``fill(view)`` writes the data into a buffer. True if mirrored."""
+        if offset < 0 or length <= 0 or offset + length > disk.capacity:
+            raise ValueError(f"write [{offset}, {offset + length}) is outside disk {disk.index} "
+                             f"of {disk.capacity} bytes")
+        ring = self.ring
+        stats = self.stats
+        with disk.lock:
+            vm.vm_seq += 1
+            got = None
+            if self.attached:
+                t0 = time.monotonic()
+                got = ring.try_reserve(length)
+                if got is None:
+                    deadline = t0 + self.stall_budget
+                    while got is None and time.monotonic() < deadline and self.attached:
+                        time.sleep(0.0005)
+                        got = ring.try_reserve(length)
+                    stall = (time.monotonic() - t0) * 1000
+                    if stall > stats.max_stall_ms:
+                        stats.max_stall_ms = stall
+            if got is not None:
+                pos, seq, view = got
+                fill(view)
+                ring.commit_header(pos, R.WRITE, seq, disk.index, vm.generation, vm.vm_seq,
+                                   offset, vm.uuid_bytes, view)
+                os.pwrite(disk.fd, view, offset)
+                ring.commit(pos)
+                stats.mirrored_writes += 1
+                stats.mirrored_bytes += length
+            else:
+                disk.mark_dirty(offset, length)
+                buf = memoryview(bytearray(length))
+                fill(buf)
+                os.pwrite(disk.fd, buf, offset)
+                stats.bitmap_writes += 1
+                stats.bitmap_bytes += length
+            stats.writes += 1
+            stats.bytes += length
+        return got is not None
+
+    def raw_write(self, disk: Disk, offset: int, view) -> None:
+        """A write with no IO filter at all (benchmark baseline)."""
+        os.pwrite(disk.fd, view, offset)
+
+    # -- VMs -----------------------------------------------------------------
+    def add_vm(self, vm: VMRuntime, reason: str):
+        with self._lock:
+            self.vms[vm.uuid] = vm
+            self._control(vm, R.ATTACH_VM, {"vm": vm.name, "reason": reason,
+                                            "generation": vm.generation,
+                                            "next_vm_seq": vm.vm_seq + 1,
+                                            "dirty": self._dirty_of(vm)})
+
+    def remove_vm(self, vm_uuid: str, reason: str, drain_timeout: float = 10.0) -> VMRuntime:
+        """Stop mirroring a VM: DETACH_VM, wait until the VRA took everything of it, close its disks.
+
+        Whatever of the VM the VRA has not acknowledged by the timeout goes into
+        the VM's dirty bitmap, which travels with it.
+        """
+        with self._lock:
+            vm = self.vms.pop(vm_uuid)
+            for d in vm.disks:
+                d.lock.acquire()
+            try:
+                end = self._control(vm, R.DETACH_VM, {"vm": vm.name, "reason": reason,
+                                                      "generation": vm.generation,
+                                                      "last_vm_seq": vm.vm_seq})
+            finally:
+                for d in vm.disks:
+                    d.lock.release()
+        if end is not None:
+            deadline = time.monotonic() + drain_timeout
+            while self.attached and self.ring.tail() < end and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if self.ring.tail() < end:
+                with self._lock:
+                    self._mark_pending({vm.uuid_bytes: vm})
+        for d in vm.disks:
+            d.close()
+        return vm
+
+    def _dirty_of(self, vm: VMRuntime) -> list[dict]:
+        return [{"disk": d.index, "dirty_blocks": d.dirty_count(), "block_size": d.block}
+                for d in vm.disks if d.dirty_count()]
+
+    def _control(self, vm: VMRuntime | None, rtype: int, info: dict) -> int | None:
+        """Append a control record if a VRA is attached; the position after it, else None."""
+        if not self.attached:
+            return None
+        payload = json.dumps(info, sort_keys=True).encode()
+        kw = {"generation": vm.generation, "vm_seq": vm.vm_seq, "vm_uuid": vm.uuid_bytes} if vm else {}
+        seq = self.ring.append(rtype, payload, deadline=time.monotonic() + 5, **kw)
+        if seq is None:
+            return None
+        return self.ring._head
+
+    # -- VRA attach / detach ---------------------------------------------------
+    def _all_disk_locks(self):
+        disks = [d for vm in self.vms.values() for d in vm.disks]
+        for d in disks:
+            d.lock.acquire()
+        return disks
+
+    def attach(self, vra: str) -> dict:
+        with self._lock:
+            if self.attached:
+                raise RuntimeError(f"VRA {self.attached} is already attached to this host")
+            disks = self._all_disk_locks()
+            try:
+                self._mark_pending({vm.uuid_bytes: vm for vm in self.vms.values()})
+                self.ring.reset()
+                self.attached = vra
+                vms = [{"vm": vm.name, "uuid": vm.uuid, "generation": vm.generation,
+                        "next_vm_seq": vm.vm_seq + 1, "dirty": self._dirty_of(vm)}
+                       for vm in self.vms.values()]
+                self.ring.append(R.ATTACH, json.dumps({"vra": vra, "vms": vms}).encode(),
+                                 deadline=time.monotonic() + 1)
+                return {"ring": self.ring_path, "capacity": self.ring.capacity,
+                        "ring_id": self.ring.ring_id, "tail": self.ring.tail(), "vms": vms}
+            finally:
+                for d in disks:
+                    d.lock.release()
+
+    def detach(self, vra: str | None = None):
+        """The VRA went away: everything it had not acknowledged goes into dirty bitmaps."""
+        with self._lock:
+            if not self.attached or (vra and vra != self.attached):
+                return
+            self.attached = None
+            disks = self._all_disk_locks()
+            try:
+                self._mark_pending({vm.uuid_bytes: vm for vm in self.vms.values()})
+                self.ring.reset()
+                self.ring.doorbell = None
+            finally:
+                for d in disks:
+                    d.lock.release()
+
+    def _mark_pending(self, vms: dict[bytes, VMRuntime]):
+        """Put every unacknowledged data record of ``vms`` into their dirty bitmaps."""
+        for _pos, rec in self.ring.pending():
+            if rec is not None and rec.type in (R.WRITE, R.SYNC):
+                vm = vms.get(bytes(rec.vm_uuid))
+                if vm is not None and rec.disk < len(vm.disks):
+                    vm.disks[rec.disk].mark_dirty(rec.offset, len(rec.payload))
+
+    def recover(self, vms: dict[bytes, VMRuntime]):
+        """After a host restart: cover everything the ring held, committed or not, by bitmaps."""
+        with self._lock:
+            for pos, rec in self.ring.pending(recover=True):
+                if rec is None:
+                    continue
+                if rec.type in (R.WRITE, R.SYNC):
+                    vm = vms.get(bytes(rec.vm_uuid))
+                    if vm is not None and rec.disk < len(vm.disks):
+                        vm.disks[rec.disk].mark_dirty(rec.offset, len(rec.payload))
+            self.ring.reset()
+
+    # -- bitmap sync -------------------------------------------------------------
+    def sync(self, vm_uuid: str, stop: threading.Event | None = None) -> int:
+        """Stream every dirty block of a VM's disks as SYNC records; the number sent.
+
+        The bitmap is taken (copied and cleared) under the disk lock; each block is
+        then read and appended under the same lock, so a guest write to it lands
+        either before the read (and is in the data) or after it (and follows it in
+        the stream). Blocks that could not be sent go back into the bitmap.
+        """
+        vm = self.vms[vm_uuid]
+        sent = 0
+        for disk in vm.disks:
+            with disk.lock:
+                bitmap = disk.take_bitmap()
+            blocks = list(dirty_blocks(bitmap))
+            for i, b in enumerate(blocks):
+                off = b * disk.block
+                length = min(disk.block, disk.capacity - off)
+                ok = False
+                while not ok and self.attached and not (stop and stop.is_set()):
+                    with disk.lock:
+                        got = self.ring.try_reserve(length)
+                        if got is not None:
+                            pos, seq, view = got
+                            n = os.preadv(disk.fd, [view], off)
+                            if n < length:
+                                view[n:] = bytes(length - n)
+                            vm.vm_seq += 1
+                            self.ring.commit_header(pos, R.SYNC, seq, disk.index, vm.generation,
+                                                    vm.vm_seq, off, vm.uuid_bytes, view)
+                            self.ring.commit(pos)
+                            ok = True
+                    if not ok:
+                        time.sleep(0.002)
+                if not ok:
+                    with disk.lock:
+                        for rest in blocks[i:]:
+                            disk.mark_dirty(rest * disk.block, 1)
+                    return sent
+                sent += 1
+                self.stats.sync_blocks += 1
+        return sent
+
+    def close(self):
+        self.ring.close()

@@ -1,0 +1,313 @@
+"""The mirror ring: a host's IO path hands every guest write to its VRA through this.
+
+A ring is a file mapped into the host process (producer) and the VRA process
+(consumer), the way a hypervisor's IO filter shares the guest's buffers with a
+replication appliance on the same host. The byte layout, the commit rule and
+the ordering rules are specified in ``docs/FORMAT.md`` ("Mirror ring"); this
+module is the one implementation of both sides.
+
+Positions are byte counts that only grow; ``pos % capacity`` is the place in
+the data area. Every record starts at a 64-byte boundary and never wraps: when
+the space left before the end of the data area is too small, a PAD record fills
+it. The producer reserves space under its lock (which also hands out the
+per-host sequence number), fills the payload, writes the header and finally the
+magic word, which is the commit marker. The consumer reads records in position
+order, stops at the first uncommitted one, verifies the checksum, and frees
+space by advancing ``tail`` once it has dealt with a record.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+import xxhash
+
+RING_MAGIC = b"TDMRING1"
+RING_VERSION = 1
+HEADER_SIZE = 4096
+
+# Ring header fields, each on its own cache line.
+_OFF_HEAD = 64
+_OFF_TAIL = 128
+_OFF_CONSUMER_WAITING = 192
+_RING_HDR = struct.Struct("<8sIIQQ")  # magic, version, header size, capacity, ring id
+assert _RING_HDR.size == 32
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+RECORD_MAGIC = 0x52444D54  # b"TMDR" little-endian: the commit marker
+REC = struct.Struct("<IHHIIQQQ16sQ")
+# magic, type, disk, length, generation, seq, vm_seq, offset, vm uuid, checksum
+assert REC.size == 64
+REC_ALIGN = 64
+
+# Record types.
+WRITE = 1      # a guest write: payload is the data written at (disk, offset)
+PAD = 2        # filler up to the end of the data area, or a record abandoned by a crash
+ATTACH_VM = 3  # a VM's stream starts (or resumes) on this host: payload is JSON
+DETACH_VM = 4  # a VM's stream ends on this host (vMotion away, power off): payload is JSON
+SYNC = 5       # a block read from the disk during a bitmap sync: payload is the data
+ATTACH = 6     # a VRA attached to this ring: payload is JSON (dirty disks to sync)
+TYPE_NAMES = {WRITE: "write", PAD: "pad", ATTACH_VM: "attach_vm", DETACH_VM: "detach_vm",
+              SYNC: "sync", ATTACH: "attach"}
+
+
+class RingError(Exception):
+    """Mirror ring error."""
+
+
+class RingCorrupt(RingError):
+    """A committed ring record failed its checksum; it is never served as data."""
+
+
+def align(n: int) -> int:
+    return (n + REC_ALIGN - 1) & ~(REC_ALIGN - 1)
+
+
+def record_checksum(header: memoryview | bytes, payload) -> int:
+    """XXH3-64 of header bytes 4..56 (everything but magic and checksum) and the payload."""
+    h = xxhash.xxh3_64(header[4:56])
+    h.update(payload)
+    return h.intdigest()
+
+
+@dataclass(frozen=True)
+class Record:
+    pos: int            # ring position of the record's header
+    end: int            # position just past the record (where the next one starts)
+    type: int
+    disk: int
+    generation: int
+    seq: int
+    vm_seq: int
+    offset: int
+    vm_uuid: bytes
+    payload: memoryview  # a view into the ring: copy it before acknowledging
+
+    @property
+    def type_name(self) -> str:
+        return TYPE_NAMES.get(self.type, str(self.type))
+
+
+class _Mapped:
+    def __init__(self, path: str, create: bool, capacity: int = 0):
+        self.path = path
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        self.fd = os.open(path, flags, 0o600)
+        if create:
+            os.ftruncate(self.fd, HEADER_SIZE + capacity)
+        size = os.fstat(self.fd).st_size
+        self.mm = mmap.mmap(self.fd, size)
+        self.view = memoryview(self.mm)
+        if create:
+            _RING_HDR.pack_into(self.mm, 0, RING_MAGIC, RING_VERSION, HEADER_SIZE, capacity,
+                                int.from_bytes(os.urandom(8), "little"))
+        magic, version, hsize, cap, ring_id = _RING_HDR.unpack_from(self.mm, 0)
+        if magic != RING_MAGIC or version != RING_VERSION or hsize != HEADER_SIZE:
+            raise RingError(f"{path}: not a version-{RING_VERSION} mirror ring")
+        if HEADER_SIZE + cap != size:
+            raise RingError(f"{path}: size {size} does not match capacity {cap}")
+        self.capacity = cap
+        self.ring_id = ring_id
+
+    def head(self) -> int:
+        return _U64.unpack_from(self.mm, _OFF_HEAD)[0]
+
+    def tail(self) -> int:
+        return _U64.unpack_from(self.mm, _OFF_TAIL)[0]
+
+    def close(self):
+        os.close(self.fd)
+        try:
+            self.view.release()
+            self.mm.close()
+        except BufferError:
+            pass  # records still hold views into the ring; the mapping goes with the last of them
+
+    def read(self, pos: int, verify: bool = True) -> Record | None:
+        """The committed record at ``pos``, or None while it is still being filled."""
+        off = HEADER_SIZE + pos % self.capacity
+        hdr = self.view[off:off + REC.size]
+        (magic, rtype, disk, length, gen, seq, vm_seq, offset, vm_uuid,
+         checksum) = REC.unpack_from(hdr)
+        if magic != RECORD_MAGIC:
+            return None
+        payload = self.view[off + REC.size:off + REC.size + length]
+        end = pos + REC.size + align(length)
+        if verify and rtype != PAD and record_checksum(hdr, payload) != checksum:
+            raise RingCorrupt(f"{self.path}: record at position {pos} (seq {seq}) failed its "
+                              f"checksum; it was not applied. Detach and resync this host.")
+        return Record(pos, end, rtype, disk, gen, seq, vm_seq, offset, vm_uuid, payload)
+
+
+class RingProducer(_Mapped):
+    """The host side. Thread safe: guest writes of all VMs on a host share one ring."""
+
+    def __init__(self, path: str, capacity: int = 64 << 20, create: bool = True):
+        super().__init__(path, create, capacity)
+        self._lock = threading.Lock()
+        self.doorbell: socket.socket | None = None
+        self.next_seq = 1
+        self._head = self.head()
+
+    def set_head(self, pos: int):
+        self._head = pos
+        _U64.pack_into(self.mm, _OFF_HEAD, pos)
+
+    def reset(self):
+        """Drop everything unconsumed (the caller has put it into dirty bitmaps)."""
+        with self._lock:
+            _U64.pack_into(self.mm, _OFF_TAIL, self._head)
+
+    def free_space(self) -> int:
+        return self.capacity - (self._head - self.tail())
+
+    def try_reserve(self, length: int) -> tuple[int, int, memoryview] | None:
+        """Reserve a record of ``length`` payload bytes: (position, seq, payload view) or None if full."""
+        need = REC.size + align(length)
+        if need > self.capacity // 2:
+            raise RingError(f"record of {length} bytes is too large for a {self.capacity}-byte ring")
+        with self._lock:
+            pos = self._head
+            off = pos % self.capacity
+            pad = self.capacity - off if self.capacity - off < need else 0
+            if pos + pad + need - self.tail() > self.capacity:
+                return None
+            if pad:
+                self._write_pad(pos, pad)
+                pos += pad
+                off = 0
+            base = HEADER_SIZE + off
+            # Not committed until the magic is written; the length is kept so that
+            # recovery can step over a reservation whose producer died.
+            _U32.pack_into(self.mm, base, 0)
+            _U32.pack_into(self.mm, base + 8, length)
+            seq = self.next_seq
+            self.next_seq += 1
+            self.set_head(pos + need)
+        return pos, seq, self.view[base + REC.size:base + REC.size + length]
+
+    def _write_pad(self, pos: int, size: int):
+        base = HEADER_SIZE + pos % self.capacity
+        REC.pack_into(self.mm, base, 0, PAD, 0, size - REC.size, 0, 0, 0, 0, b"\0" * 16, 0)
+        _U32.pack_into(self.mm, base, RECORD_MAGIC)
+
+    def commit_header(self, pos: int, rtype: int, seq: int, disk: int, generation: int,
+                      vm_seq: int, offset: int, vm_uuid: bytes, payload: memoryview):
+        """Write the header and checksum of a reserved record, still without its magic."""
+        base = HEADER_SIZE + pos % self.capacity
+        hdr = self.view[base:base + REC.size]
+        REC.pack_into(hdr, 0, 0, rtype, disk, len(payload), generation, seq, vm_seq, offset,
+                      vm_uuid, 0)
+        _U64.pack_into(hdr, 56, record_checksum(hdr, payload))
+
+    def commit(self, pos: int):
+        """Write the magic of a record: from then on the consumer sees it."""
+        _U32.pack_into(self.mm, HEADER_SIZE + pos % self.capacity, RECORD_MAGIC)
+        if _U32.unpack_from(self.mm, _OFF_CONSUMER_WAITING)[0]:
+            self.ring_doorbell()
+
+    def ring_doorbell(self):
+        _U32.pack_into(self.mm, _OFF_CONSUMER_WAITING, 0)
+        bell = self.doorbell
+        if bell is not None:
+            try:
+                bell.send(b"\x01", socket.MSG_DONTWAIT)
+            except (BlockingIOError, OSError):
+                pass  # a full doorbell has already woken the consumer; a dead one is noticed elsewhere
+
+    def append(self, rtype: int, payload: bytes, *, disk: int = 0, generation: int = 0,
+               vm_seq: int = 0, offset: int = 0, vm_uuid: bytes = b"\0" * 16,
+               deadline: float | None = None) -> int | None:
+        """Append a whole record, waiting for space until ``deadline`` (None: forever). Its seq or None."""
+        while True:
+            got = self.try_reserve(len(payload))
+            if got is not None:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(0.0005)
+        pos, seq, view = got
+        view[:] = payload
+        self.commit_header(pos, rtype, seq, disk, generation, vm_seq, offset, vm_uuid, view)
+        self.commit(pos)
+        return seq
+
+    def pending(self, recover: bool = False):
+        """Records not yet acknowledged by the consumer (tail..head), in order, as (pos, record).
+
+        A reservation without its magic was still being written when its producer
+        stopped. With ``recover`` (after a crash) it is turned into a PAD, and if
+        its header and payload were complete (checksum matches: the disk write
+        may have happened) it is yielded too, so the caller can mark it dirty;
+        otherwise it is yielded as None.
+        """
+        pos = self.tail()
+        while pos < self._head:
+            base = HEADER_SIZE + pos % self.capacity
+            if _U32.unpack_from(self.mm, base)[0] == RECORD_MAGIC:
+                rec = self.read(pos, verify=False)
+                yield pos, rec
+                pos = rec.end
+                continue
+            length = _U32.unpack_from(self.mm, base + 8)[0]
+            rec = None
+            if recover:
+                _U32.pack_into(self.mm, base, RECORD_MAGIC)
+                try:
+                    rec = self.read(pos, verify=True)
+                except RingCorrupt:
+                    rec = None
+                REC.pack_into(self.mm, base, 0, PAD, 0, length, 0, 0, 0, 0, b"\0" * 16, 0)
+                _U32.pack_into(self.mm, base, RECORD_MAGIC)
+            yield pos, rec
+            pos += REC.size + align(length)
+
+
+class RingConsumer(_Mapped):
+    """The VRA side: reads records in order and acknowledges them to free space."""
+
+    def __init__(self, path: str):
+        super().__init__(path, create=False)
+        self.cursor = self.tail()
+        self.doorbell: socket.socket | None = None
+
+    def poll(self) -> Record | None:
+        """The next committed record after the cursor, or None. Advances the cursor (not the tail)."""
+        while True:
+            if self.cursor >= self.head():
+                return None
+            rec = self.read(self.cursor)
+            if rec is None:
+                return None
+            self.cursor = rec.end
+            if rec.type != PAD:
+                return rec
+
+    def ack(self, pos: int | None = None):
+        """Free everything before ``pos`` (default: the cursor)."""
+        _U64.pack_into(self.mm, _OFF_TAIL, self.cursor if pos is None else pos)
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until the producer rings the doorbell or ``timeout`` passes; True if data may be there."""
+        if self.cursor < self.head() and self.read(self.cursor, verify=False) is not None:
+            return True
+        _U32.pack_into(self.mm, _OFF_CONSUMER_WAITING, 1)
+        if self.cursor < self.head() and self.read(self.cursor, verify=False) is not None:
+            return True
+        if self.doorbell is None:
+            time.sleep(min(timeout, 0.002))
+            return False
+        self.doorbell.settimeout(timeout)
+        try:
+            data = self.doorbell.recv(4096)
+        except TimeoutError:
+            return False
+        if not data:
+            raise ConnectionError("host closed the mirror doorbell")
+        return True

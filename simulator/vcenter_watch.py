@@ -1,0 +1,162 @@
+"""Change watcher for `simulator.vcenter.VCenterMirror` (the `VCenterWatch` mixin).
+
+Echo suppression: the mirror keeps, per VM, the state the site believes
+(name, host name, power state); its own operations update that belief when
+they finish. The watcher folds each WaitForUpdatesEx batch into the VM's net
+state and calls back only when the net state differs from the belief, which
+it then adopts. A VM is not judged while a mirror operation on it runs, nor
+until a batch requested after that operation finished has arrived: only such
+a batch is sure to contain the operation's updates. (vcsim 0.24 replays
+every queued modification after a VM's "enter", whose values are already
+final, so comparing net states is also what copes with that.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim, vmodl
+
+log = logging.getLogger(__name__)
+PC = vmodl.query.PropertyCollector
+
+
+class VCenterWatch:
+    """Mixin: echo suppression and ``watch()``; needs ``_connect`` (SmartConnect kwargs)."""
+
+    def _init_watch(self) -> None:
+        self._exp_lock = threading.Lock()
+        self._believed: dict[str, tuple] = {}  # vm moid -> (name, host, power) the site knows
+        self._busy: dict[str, int] = {}        # vm moid, or "new:<name>" while being created
+        self._done: dict[str, float] = {}      # vm moid -> when our last operation ended
+
+    @contextmanager
+    def _changing(self, vm, state: tuple | None):
+        """Wrap one of our operations on ``vm`` (None: a create, which stores the
+        new VM in the yielded dict's "vm"); ``state`` is the VM's state after it
+        (None: the VM is gone)."""
+        key = vm._moId if vm is not None else f"new:{state[0]}"
+        out: dict = {}
+        with self._exp_lock:
+            self._busy[key] = self._busy.get(key, 0) + 1
+        ok = False
+        try:
+            yield out
+            ok = True
+        finally:
+            with self._exp_lock:
+                self._busy[key] -= 1
+                if not self._busy[key]:
+                    del self._busy[key]
+                target = vm if vm is not None else out.get("vm")
+                if target is not None:
+                    moid = target._moId
+                    if ok and state is None:
+                        self._believed.pop(moid, None)
+                        self._done.pop(moid, None)
+                    else:
+                        if ok:
+                            self._believed[moid] = state
+                        self._done[moid] = time.monotonic()
+
+    def _judge(self, moid: str, state: tuple, asked_at: float, baseline: bool) -> str:
+        """"wait" (our operation may still echo), "same" or "report" (belief updated)."""
+        with self._exp_lock:
+            if moid in self._busy or f"new:{state[0]}" in self._busy \
+                    or self._done.get(moid, float("-inf")) >= asked_at:
+                return "wait"
+            if baseline or self._believed.get(moid) == state:
+                self._believed[moid] = state
+                return "same"
+            self._believed[moid] = state
+            return "report"
+
+    def watch(self, callback, stop_event: threading.Event) -> None:
+        """Report VM changes others make in vcsim until ``stop_event`` is set.
+
+        Runs in the caller's thread (start it in one) on its own session: a
+        PropertyCollector filter over a recursive ContainerView of all VMs
+        (so VMs created later are watched too), polled by WaitForUpdatesEx
+        with maxWaitSeconds=1. When the name, runtime.host or
+        runtime.powerState of a VM ends up different from what the site
+        believes, it calls ``callback({"vm", "host", "power_state"})`` (net
+        state: a change undone within one batch is not reported). The state
+        at start is the baseline; VM removals are not reported. Use one
+        watcher per mirror. Connection errors end the loop silently once
+        ``stop_event`` is set and are raised otherwise; exceptions from
+        ``callback`` are logged.
+        """
+        si = SmartConnect(**self._connect)
+        try:
+            content = si.RetrieveContent()
+            view = content.viewManager.CreateContainerView(
+                content.rootFolder, [vim.VirtualMachine], True)
+            trav = PC.TraversalSpec(name="view", path="view", skip=False, type=vim.view.ContainerView)
+            spec = PC.FilterSpec(objectSet=[PC.ObjectSpec(obj=view, skip=True, selectSet=[trav])],
+                                 propSet=[PC.PropertySpec(type=vim.VirtualMachine, pathSet=[
+                                     "name", "runtime.host", "runtime.powerState"])])
+            pc = content.propertyCollector
+            pc.CreateFilter(spec, partialUpdates=False)
+            known: dict[str, dict] = {}  # vm moid -> net state from vcsim
+            host_names: dict[str, str] = {}
+            pending: set[str] = set()
+            version, baseline = "", True
+            while not stop_event.is_set():
+                asked_at = time.monotonic()
+                try:
+                    res = pc.WaitForUpdatesEx(version, PC.WaitOptions(maxWaitSeconds=1))
+                except Exception:
+                    if stop_event.is_set():
+                        return
+                    raise
+                if res is not None:
+                    version = res.version
+                    for fs in res.filterSet:
+                        for ou in fs.objectSet:
+                            self._fold(si, ou, known, host_names)
+                            pending.add(ou.obj._moId)
+                for moid in sorted(pending):
+                    cur = known.get(moid)
+                    if cur is None:  # left
+                        pending.discard(moid)
+                        continue
+                    state = (cur.get("vm"), cur.get("host"), cur.get("power_state"))
+                    verdict = self._judge(moid, state, asked_at, baseline)
+                    if verdict == "wait":
+                        continue
+                    pending.discard(moid)
+                    if verdict == "report":
+                        try:
+                            callback({"vm": state[0], "host": state[1], "power_state": state[2]})
+                        except Exception:
+                            log.exception("vcenter watch callback failed for %s", state[0])
+                baseline = False
+        finally:
+            try:
+                Disconnect(si)
+            except Exception:  # vcsim may already be gone
+                pass
+
+    def _fold(self, si, ou, known: dict, host_names: dict) -> None:
+        """Apply one ObjectUpdate to ``known``."""
+        moid = ou.obj._moId
+        if ou.kind == "leave":
+            known.pop(moid, None)
+            with self._exp_lock:
+                self._believed.pop(moid, None)
+            return
+        cur = known.setdefault(moid, {})
+        for change in ou.changeSet:
+            if change.name == "runtime.host":
+                ref = change.val
+                if ref is not None and ref._moId not in host_names:
+                    host_names[ref._moId] = vim.HostSystem(ref._moId, si._stub).name
+                cur["host"] = host_names.get(ref._moId) if ref is not None else None
+            elif change.name == "runtime.powerState":
+                cur["power_state"] = str(change.val)
+            elif change.name == "name":
+                cur["vm"] = change.val

@@ -1,0 +1,189 @@
+"""The host IO path in-process: mirror stream, bitmap fallback, crash recovery."""
+import hashlib
+import os
+import threading
+import time
+import uuid
+
+import pytest
+
+from simulator import ring as R
+from simulator.host import Host
+from simulator.iopath import sha256_file
+from simulator.mirror import MirrorClient, Replayer
+from simulator.workload import WorkloadSpec
+
+MiB = 1 << 20
+
+
+def make_host(tmp_path, name="h0", ring_capacity=8 * MiB):
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    state = {"host": name, "site": "s", "dir": str(d), "ring_path": str(d / "mirror.ring"),
+             "ring_capacity": ring_capacity, "sock_path": str(d / "mirror.sock")}
+    host = Host(state)
+    stop = threading.Event()
+    t = threading.Thread(target=host.serve_doorbell, args=(stop,), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not os.path.exists(state["sock_path"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return host, stop
+
+
+def vm_cfg(tmp_path, name, disks=(16 * MiB,)):
+    vmdir = tmp_path / "ds" / name
+    vmdir.mkdir(parents=True, exist_ok=True)
+    return {"name": name, "instance_uuid": str(uuid.uuid5(uuid.NAMESPACE_DNS, name)),
+            "disks": [{"index": i, "path": str(vmdir / f"disk{i}.img"), "capacity_bytes": c}
+                      for i, c in enumerate(disks)]}
+
+
+def drain(client, replayer, idle=0.5):
+    for rec in client.records(idle_timeout=idle):
+        replayer.apply(rec, client.ring.ring_id)
+        client.ack()
+
+
+@pytest.fixture
+def host(tmp_path):
+    h, stop = make_host(tmp_path)
+    yield h
+    h.shutdown()
+    stop.set()
+
+
+def replica_paths(tmp_path, cfg):
+    return [str(tmp_path / f"replica-{cfg['name']}-{d['index']}.img") for d in cfg["disks"]]
+
+
+@pytest.mark.parametrize("pattern,seed", [("random", 1), ("sequential", 2), ("hotspot", 3)])
+def test_replay_reproduces_source(tmp_path, host, pattern, seed):
+    cfgs = [vm_cfg(tmp_path, f"vm{i}", disks=(16 * MiB, 8 * MiB)) for i in range(2)]
+    client = MirrorClient(host.doorbell_path, vra="test")
+    rep = Replayer({c["instance_uuid"]: replica_paths(tmp_path, c) for c in cfgs})
+    spec = {"mbps": 0, "block_sizes": [4096, 65536, 1 << 20], "pattern": pattern, "seed": seed,
+            "total_bytes": 24 * MiB}
+    for c in cfgs:
+        host.start_vm({**c, "workload": {"state": "running", "spec": spec}}, "power-on")
+    stop = threading.Event()
+    t = threading.Thread(target=lambda: [drain(client, rep, idle=0.3) for _ in iter(stop.is_set, True)])
+    t.start()
+    deadline = time.monotonic() + 60
+    while any(w.state != "stopped" for w in host.workloads.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    t.join(10)
+    drain(client, rep, idle=0.3)
+    assert host.io.stats.bitmap_writes == 0
+    assert rep.gaps == []
+    for c in cfgs:
+        for d, replica in zip(c["disks"], replica_paths(tmp_path, c)):
+            assert sha256_file(replica, d["capacity_bytes"]) == sha256_file(d["path"], d["capacity_bytes"])
+    rep.close()
+    client.close()
+
+
+def test_vra_gone_then_back_bitmap_covers_gap(tmp_path, host):
+    cfg = vm_cfg(tmp_path, "vm0")
+    host.start_vm(cfg, "power-on")
+    uid = cfg["instance_uuid"]
+    rep = Replayer({uid: replica_paths(tmp_path, cfg)})
+    client = MirrorClient(host.doorbell_path, vra="test")
+    spec = {"mbps": 0, "block_sizes": [4096, 65536], "seed": 7}
+    host.workload(uid, {"action": "start", "spec": {**spec, "total_bytes": 4 * MiB}})
+    time.sleep(0.3)
+    drain(client, rep)
+    client.close()                         # the VRA goes away (records it had not acked too)
+    deadline = time.monotonic() + 5
+    while host.io.attached and time.monotonic() < deadline:
+        time.sleep(0.01)
+    host.workload(uid, {"action": "start", "spec": {**spec, "seed": 8, "total_bytes": 6 * MiB}})
+    deadline = time.monotonic() + 30
+    while host.workloads[uid].state != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host.io.stats.bitmap_writes > 0
+    assert host.io.vms[uid].disks[0].dirty_count() > 0
+    client = MirrorClient(host.doorbell_path, vra="test")   # back: sync the bitmap in-stream
+    host.workload(uid, {"action": "start", "spec": {**spec, "seed": 9, "total_bytes": 4 * MiB,
+                                                     "mbps": 20}})
+    stop = threading.Event()
+    t = threading.Thread(target=lambda: [drain(client, rep, idle=0.1) for _ in iter(stop.is_set, True)])
+    t.start()
+    try:
+        sent = host.io.sync(uid)
+        deadline = time.monotonic() + 30
+        while host.workloads[uid].state != "stopped" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join(10)
+    assert sent > 0
+    drain(client, rep)
+    assert host.io.vms[uid].disks[0].dirty_count() == 0
+    d = cfg["disks"][0]
+    assert sha256_file(replica_paths(tmp_path, cfg)[0], d["capacity_bytes"]) == \
+        sha256_file(d["path"], d["capacity_bytes"])
+    client.close()
+
+
+def test_full_ring_falls_back_to_bitmap_within_budget(tmp_path):
+    host, stop = make_host(tmp_path, ring_capacity=2 * MiB)
+    try:
+        cfg = vm_cfg(tmp_path, "vm0")
+        host.start_vm(cfg, "power-on")
+        client = MirrorClient(host.doorbell_path, vra="slow")   # attached, never reads
+        uid = cfg["instance_uuid"]
+        host.workload(uid, {"action": "start", "spec": {"mbps": 0, "block_sizes": [65536],
+                                                         "seed": 3, "total_bytes": 8 * MiB}})
+        deadline = time.monotonic() + 30
+        while host.workloads[uid].state != "stopped" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s = host.io.stats
+        assert s.mirrored_writes > 0 and s.bitmap_writes > 0
+        assert s.max_stall_ms < 60  # 50 ms budget plus scheduling slack
+        client.close()
+    finally:
+        host.shutdown()
+        stop.set()
+
+
+def test_corrupt_record_is_detected_not_served(tmp_path, host):
+    cfg = vm_cfg(tmp_path, "vm0")
+    host.start_vm(cfg, "power-on")
+    client = MirrorClient(host.doorbell_path, vra="test")
+    host.write(cfg["instance_uuid"], 0, 4096, b"x" * 4096)
+    recs = list(client.records(idle_timeout=0.2))
+    pos = recs[-1].pos
+    off = R.HEADER_SIZE + pos % client.ring.capacity + R.REC.size + 10
+    host.io.ring.mm[off] ^= 0xFF           # flip a byte of the payload in the ring
+    client.ring.cursor = pos
+    with pytest.raises(R.RingCorrupt):
+        client.ring.poll()
+    client.close()
+
+
+def test_crash_recovery_marks_uncommitted_and_unconsumed(tmp_path):
+    host, stop = make_host(tmp_path)
+    cfg = vm_cfg(tmp_path, "vm0")
+    host.start_vm(cfg, "power-on")
+    client = MirrorClient(host.doorbell_path, vra="test")
+    uid = cfg["instance_uuid"]
+    vm = host.io.vms[uid]
+    host.write(uid, 0, 0, b"a" * 65536)                 # committed, not consumed
+    # A write whose producer "died" after the disk write but before the commit:
+    pos, seq, view = host.io.ring.try_reserve(65536)
+    view[:] = b"b" * 65536
+    host.io.ring.commit_header(pos, R.WRITE, seq, 0, vm.generation, vm.vm_seq + 1, 10 * 65536,
+                               vm.uuid_bytes, view)
+    os.pwrite(vm.disks[0].fd, view, 10 * 65536)
+    # Simulate the process dying: nothing more runs; a new host opens the same ring.
+    stop.set()
+    host2 = Host({**host.state, "running": [cfg]})
+    host2.start_vm(cfg, "host-restart")
+    dirty = set()
+    from simulator.iopath import dirty_blocks
+    dirty = set(dirty_blocks(host2.io.vms[uid].disks[0].bitmap()))
+    assert {0, 10} <= dirty
+    host2.shutdown()
+    client.close()
