@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         try:
             service = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
                 raise
             state["service"] = "not-installed"
             log.warning("the %s service is not part of this build", role)

@@ -341,6 +341,7 @@ def main(argv=None):
     state = json.loads(Path(args.state).read_text())
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s host {state['host']} %(levelname)s %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     exit_with_parent()
     host = Host(state)
     app = create_app(host)

@@ -102,6 +102,11 @@ class Replayer:
                 self.gaps.append((str(uuidlib.UUID(bytes=key)), prev[1], info["next_vm_seq"]))
             self.last[key] = (rec.generation, info["next_vm_seq"] - 1)
             return
+        if rec.type == R.DETACH_VM:
+            info = json.loads(bytes(rec.payload))
+            if prev and prev[0] == rec.generation and info["last_vm_seq"] != prev[1]:
+                self.gaps.append((str(uuidlib.UUID(bytes=key)), prev[1], info["last_vm_seq"]))
+            return
         if prev is not None and prev[0] == rec.generation:
             if rec.vm_seq <= prev[1]:
                 raise StreamError(f"vm_seq went from {prev[1]} to {rec.vm_seq} (duplicate or reorder)")
