@@ -187,3 +187,52 @@ def test_crash_recovery_marks_uncommitted_and_unconsumed(tmp_path):
     assert {0, 10} <= dirty
     host2.shutdown()
     client.close()
+
+
+def test_4gib_disk_offsets_beyond_32_bits(tmp_path, host):
+    cfg = vm_cfg(tmp_path, "big", disks=(4 << 30,))
+    host.start_vm(cfg, "power-on")
+    uid = cfg["instance_uuid"]
+    client = MirrorClient(host.doorbell_path, vra="test")
+    rep = Replayer({uid: replica_paths(tmp_path, cfg)})
+    ends = [(4 << 30) - 65536, (1 << 32) - 4096, (3 << 30) + 12288, 0]
+    for i, off in enumerate(ends):
+        host.write(uid, 0, off, bytes([i + 1]) * 4096)
+    drain(client, rep, idle=0.2)
+    fd = os.open(replica_paths(tmp_path, cfg)[0], os.O_RDONLY)
+    try:
+        for i, off in enumerate(ends):
+            assert os.pread(fd, 4096, off) == bytes([i + 1]) * 4096
+    finally:
+        os.close(fd)
+    with pytest.raises(Exception):
+        host.write(uid, 0, 4 << 30, b"x" * 4096)      # past the end: refused, nothing written
+    rep.close()
+    client.close()
+
+
+@pytest.mark.slow
+def test_replay_4gib_disks_random_workload(tmp_path, host):
+    cfgs = [vm_cfg(tmp_path, f"vm{i}", disks=(4 << 30,)) for i in range(2)]
+    client = MirrorClient(host.doorbell_path, vra="test")
+    rep = Replayer({c["instance_uuid"]: replica_paths(tmp_path, c) for c in cfgs})
+    spec = {"mbps": 0, "block_sizes": [4096, 65536, 1 << 20], "pattern": "random", "seed": 5,
+            "total_bytes": 512 * MiB}
+    for c in cfgs:
+        host.start_vm({**c, "workload": {"state": "running", "spec": spec}}, "power-on")
+    stop = threading.Event()
+    t = threading.Thread(target=lambda: [drain(client, rep, idle=0.3) for _ in iter(stop.is_set, True)])
+    t.start()
+    deadline = time.monotonic() + 300
+    while any(w.state != "stopped" for w in host.workloads.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    t.join(30)
+    drain(client, rep, idle=0.3)
+    assert host.io.stats.bitmap_writes == 0 and rep.gaps == []
+    for c in cfgs:
+        d = c["disks"][0]
+        assert sha256_file(replica_paths(tmp_path, c)[0], d["capacity_bytes"]) == \
+            sha256_file(d["path"], d["capacity_bytes"])
+    rep.close()
+    client.close()
