@@ -361,7 +361,7 @@ def main(argv=None):
     tmp.write_text(json.dumps({"url": f"http://127.0.0.1:{server.port}", "pid": os.getpid()}))
     tmp.rename(port_file)
     try:
-        server.serve_forever()
+        server.serve_forever(poll_interval=0.1)
     finally:
         host.shutdown()
         stop.set()

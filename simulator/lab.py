@@ -168,11 +168,16 @@ class Lab:
         pids = self.dir / "pids"
         if not pids.exists():
             return stopped
-        for f in sorted(pids.glob("site-*.pid")):   # controllers stop their hosts and vcsim
-            proc = read_pidfile(f)
-            if proc is not None:
-                stopped.append(proc.pid)
-                stop_process(proc, timeout=timeout)
+        controllers = [p for p in (read_pidfile(f) for f in sorted(pids.glob("site-*.pid"))) if p]
+        for proc in controllers:                     # they stop their hosts and vcsim, in parallel
+            stopped.append(proc.pid)
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _gone, alive = psutil.wait_procs(controllers, timeout=timeout)
+        for proc in alive:
+            stop_process(proc, timeout=5, kill=True)
         for f in sorted(pids.glob("*.pid")):         # whatever survived them
             proc = read_pidfile(f)
             if proc is not None:

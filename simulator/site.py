@@ -132,10 +132,15 @@ class Site:
     def stop(self):
         self._stop.set()
         self._watch_stop.set()
-        for name, h in self.hosts.items():
-            if h.proc is not None:
-                stop_process(psutil.Process(h.proc.pid) if h.proc.poll() is None else None)
-                h.proc.wait(10)
+        procs = [h.proc for h in self.hosts.values() if h.proc is not None and h.proc.poll() is None]
+        for p in procs:            # all at once: hosts shut down in parallel
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except Exception:
+                stop_process(psutil.Process(p.pid), kill=True)
+                p.wait(5)
         for link in self.links.values():
             link.stop()
         self._stop_vcsim()

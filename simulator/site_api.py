@@ -224,7 +224,7 @@ def main(argv=None):
                                    "vcenter_url": site.vcenter_url}))
         tmp.rename(port_file)
         if not stopping.is_set():
-            server.serve_forever()
+            server.serve_forever(poll_interval=0.1)
     finally:
         site.stop()
     return 0

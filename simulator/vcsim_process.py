@@ -44,7 +44,7 @@ def build_vcsim(build_dir: Path, source: Path = MAIN_GO, timeout: float = 600.0)
         VcsimBuildError: ``go`` or the govmomi sources are missing (the message
             names the apt-get command), or ``go build`` failed.
     """
-    build_dir = Path(build_dir)
+    build_dir = Path(build_dir).resolve()
     binary, stamp = build_dir / "vcsim", build_dir / "vcsim.sha256"
     digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
     if binary.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:

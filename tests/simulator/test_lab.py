@@ -262,3 +262,92 @@ def test_vcsim_lab_matches_simulator_and_follows_relocate(tmp_path):
             Disconnect(si)
     finally:
         lab.down()
+
+
+def test_site_failure_and_restore(lab):
+    before = site(lab)
+    running = [v["name"] for v in before["vms"] if v["power_state"] == "poweredOn"]
+    pids = [h["pid"] for h in before["hosts"]]
+    lab.fail_site("site-a")
+    st = site(lab)
+    assert st["state"] == "failed"
+    assert all(h["state"] == "failed" for h in st["hosts"])
+    assert all(v["power_state"] == "poweredOff" for v in st["vms"])
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    lab.restore_site("site-a")
+    st = site(lab)
+    assert st["state"] == "running"
+    assert all(h["state"] == "connected" for h in st["hosts"])
+    assert sorted(v["name"] for v in st["vms"] if v["power_state"] == "poweredOn") == sorted(running)
+
+
+def test_workload_pause_resume_and_quiesced_hash(lab):
+    vm = site(lab)["vms"][0]["name"]
+    lab.workload(vm, {"action": "start", "spec": {"mbps": 20, "block_sizes": [65536], "seed": 4}})
+    time.sleep(0.3)
+    lab.workload(vm, {"action": "pause"})
+    h1 = lab.disk_hash(vm)
+    time.sleep(0.3)
+    assert lab.disk_hash(vm) == h1                     # paused: nothing is written
+    lab.workload(vm, {"action": "resume"})
+    wait_until(lambda: lab.disk_hash(vm) != h1, timeout=10, what="writes after resume")
+    stats = lab.api("site-a", "GET", "/api/stats")
+    assert sum(s["writes"] for s in stats.values()) > 0
+    lab.workload(vm, {"action": "stop"})
+
+
+def test_link_cut_restore_and_shape_through_the_api(lab):
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(5)
+    try:
+        route = lab.api("site-a", "POST", "/api/links",
+                        json={"peer": "site-b", "target_host": "127.0.0.1",
+                              "target_port": srv.getsockname()[1]})
+        c = socket.create_connection(("127.0.0.1", route["port"]), timeout=5)
+        peer, _ = srv.accept()
+        c.sendall(b"ping")
+        assert peer.recv(4) == b"ping"
+        lab.link("site-a", "site-b", "cut")
+        c.settimeout(2)
+        with pytest.raises((ConnectionError, OSError)):
+            c.sendall(b"x" * 100000)
+            assert c.recv(1) != b""                    # reset or closed
+            raise ConnectionError("closed")
+        lab.link("site-a", "site-b", "restore")
+        out = lab.link("site-a", "site-b", "shape", bandwidth_mbps=5, latency_ms=20)
+        assert out[0]["bandwidth_mbps"] == 5 and out[0]["latency_ms"] == 20
+        c2 = socket.create_connection(("127.0.0.1", route["port"]), timeout=5)
+        p2, _ = srv.accept()
+        c2.sendall(b"pong")
+        assert p2.recv(4) == b"pong"
+        for s in (c, c2, peer, p2):
+            s.close()
+    finally:
+        srv.close()
+
+
+@pytest.mark.slow
+def test_soak_vmotions_under_heavy_load(lab, tmp_path):
+    vms = site(lab)["vms"]
+    cons = Consumers(lab, vms, tmp_path)
+    hosts = [h["name"] for h in site(lab)["hosts"]]
+    try:
+        for i, v in enumerate(vms):
+            lab.workload(v["name"], {"action": "start", "spec": {**FAST, "mbps": 30, "seed": 20 + i}})
+        for n in range(20):
+            v = vms[n % len(vms)]
+            lab.vmotion(v["name"], hosts[(n // len(vms) + 1 + n) % len(hosts)])
+            time.sleep(0.3)
+        for v in vms:
+            lab.workload(v["name"], {"action": "stop"})
+        time.sleep(1.0)
+    finally:
+        cons.close()
+    assert cons.rep.gaps == []
+    for v in site(lab)["vms"]:
+        for d, replica in zip(v["disks"], cons.replicas[v["instance_uuid"]]):
+            assert sha256_file(replica, d["capacity_bytes"]) == lab.disk_hash(v["name"], d["index"])
