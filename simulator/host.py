@@ -325,6 +325,26 @@ def create_app(host: Host) -> Flask:
             raise Conflict(f"no VRA is attached to {host.name}: nothing to sync to")
         return jsonify({"blocks": host.io.sync(vm_uuid)})
 
+    @app.post("/barrier")
+    def barrier():
+        b = body()
+        try:
+            bid, vms = str(b["id"]), [str(u) for u in b["vms"]]
+            hold = min(float(b.get("hold_ms", 50)), 1000) / 1000
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequest(f"barrier takes id, vms and hold_ms: {exc}") from exc
+        try:
+            return jsonify(host.io.barrier(bid, vms, b.get("info", {}), hold))
+        except RuntimeError as exc:
+            raise Conflict(str(exc)) from exc
+
+    @app.post("/barrier/<bid>/release")
+    def release(bid):
+        try:
+            return jsonify(host.io.release(bid))
+        except KeyError as exc:
+            raise NotFound(str(exc)) from exc
+
     def _disk(vm_uuid, disk) -> Disk:
         vm = host._vm(vm_uuid)
         if not 0 <= disk < len(vm.disks):

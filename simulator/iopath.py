@@ -161,6 +161,8 @@ class IOPath:
         self.vms: dict[str, VMRuntime] = {}
         self.stats = IOStats()
         self._lock = threading.RLock()     # attach/detach/VM table changes
+        self._barriers: dict[str, dict] = {}
+        self._barrier_lock = threading.Lock()
 
     # -- guest writes -----------------------------------------------------
     def write(self, vm: VMRuntime, disk: Disk, offset: int, length: int, fill) -> bool:
@@ -262,10 +264,69 @@ class IOPath:
 
     # -- VRA attach / detach ---------------------------------------------------
     def _all_disk_locks(self):
-        disks = [d for vm in self.vms.values() for d in vm.disks]
+        return self._lock_disks(self.vms.values())
+
+    @staticmethod
+    def _lock_disks(vms) -> list[Disk]:
+        """Take the disk locks of ``vms`` in one global order (VM uuid, disk), so no two takers deadlock."""
+        disks = [d for vm in sorted(vms, key=lambda v: v.uuid) for d in vm.disks]
         for d in disks:
             d.lock.acquire()
         return disks
+
+    # -- checkpoint barriers -------------------------------------------------------
+    def barrier(self, barrier_id: str, vm_uuids: list[str], info: dict,
+                hold: float = STALL_BUDGET) -> dict:
+        """Hold the writes of these VMs, append a MARKER, and keep holding until ``release``.
+
+        Every write of these VMs acknowledged before the barrier precedes the
+        marker in the ring; none is acknowledged between the marker and the
+        release. Held for at most ``hold`` seconds (the guest stall budget): a
+        barrier that times out is released by itself and reports so at release.
+        """
+        with self._lock:
+            if barrier_id in self._barriers:
+                raise RuntimeError(f"barrier {barrier_id} is already held")
+            vms = [self.vms[u] for u in vm_uuids if u in self.vms]
+            t0 = time.monotonic()
+            disks = self._lock_disks(vms)
+            seq = None
+            if self.attached:
+                payload = json.dumps({**info, "barrier": barrier_id,
+                                      "vms": [v.uuid for v in vms]}, sort_keys=True).encode()
+                seq = self.ring.append(R.MARKER, payload, deadline=t0 + hold)
+            entry = {"disks": disks, "released": False, "timed_out": False}
+            timer = threading.Timer(max(0.0, hold - (time.monotonic() - t0)), self._release,
+                                    args=(barrier_id, True))
+            entry["timer"] = timer
+            self._barriers[barrier_id] = entry
+            timer.start()
+            return {"barrier": barrier_id, "held_vms": [v.name for v in vms], "marker_seq": seq}
+
+    def release(self, barrier_id: str) -> dict:
+        """Release a barrier; ``in_time`` is False if it had timed out (the cut is not valid)."""
+        entry = self._barriers.get(barrier_id)
+        if entry is None:
+            raise KeyError(f"no barrier {barrier_id}")
+        entry["timer"].cancel()
+        timed_out = self._release(barrier_id, False)
+        return {"barrier": barrier_id, "in_time": not timed_out}
+
+    def _release(self, barrier_id: str, by_timer: bool) -> bool:
+        with self._barrier_lock:
+            entry = self._barriers.get(barrier_id)
+            if entry is None:
+                return True
+            if not entry["released"]:
+                entry["released"] = True
+                entry["timed_out"] = by_timer
+                for d in entry["disks"]:
+                    d.lock.release()
+            if not by_timer:
+                del self._barriers[barrier_id]
+            elif len(self._barriers) > 1000:   # forget timed-out barriers nobody asked about
+                self._barriers.pop(next(iter(self._barriers)))
+            return entry["timed_out"]
 
     def attach(self, vra: str) -> dict:
         with self._lock:

@@ -53,8 +53,9 @@ ATTACH_VM = 3  # a VM's stream starts (or resumes) on this host: payload is JSON
 DETACH_VM = 4  # a VM's stream ends on this host (vMotion away, power off): payload is JSON
 SYNC = 5       # a block read from the disk during a bitmap sync: payload is the data
 ATTACH = 6     # a VRA attached to this ring: payload is JSON (dirty disks to sync)
+MARKER = 7     # a checkpoint barrier: every write acknowledged before it precedes it
 TYPE_NAMES = {WRITE: "write", PAD: "pad", ATTACH_VM: "attach_vm", DETACH_VM: "detach_vm",
-              SYNC: "sync", ATTACH: "attach"}
+              SYNC: "sync", ATTACH: "attach", MARKER: "marker"}
 
 
 class RingError(Exception):

@@ -236,3 +236,33 @@ def test_replay_4gib_disks_random_workload(tmp_path, host):
             sha256_file(d["path"], d["capacity_bytes"])
     rep.close()
     client.close()
+
+
+def test_checkpoint_barrier_orders_writes_and_times_out(tmp_path, host):
+    cfgs = [vm_cfg(tmp_path, f"vm{i}") for i in range(2)]
+    uids = [c["instance_uuid"] for c in cfgs]
+    client = MirrorClient(host.doorbell_path, vra="test")
+    for c in cfgs:
+        host.start_vm({**c, "workload": {"state": "running", "spec": {"mbps": 0, "block_sizes": [4096],
+                                                                     "seed": 2}}}, "power-on")
+    time.sleep(0.1)
+    out = host.io.barrier("vpg1:1", uids, {"vpg": "vpg1", "checkpoint": 1}, hold=0.5)
+    assert len(out["held_vms"]) == 2 and out["marker_seq"]
+    writes = host.io.stats.writes
+    time.sleep(0.1)
+    assert host.io.stats.writes == writes          # held: no write completes
+    assert host.io.release("vpg1:1")["in_time"] is True
+    time.sleep(0.05)
+    assert host.io.stats.writes > writes
+    for u in uids:
+        host.workload(u, {"action": "stop"})
+    recs = []
+    for rec in client.records(idle_timeout=0.3):
+        recs.append((rec.type, rec.seq, rec.vm_seq, bytes(rec.vm_uuid)))
+        client.ack()
+    marker = [r for r in recs if r[0] == R.MARKER]
+    assert len(marker) == 1 and marker[0][1] == out["marker_seq"]
+    host.io.barrier("vpg1:2", uids, {}, hold=0.02)
+    time.sleep(0.1)
+    assert host.io.release("vpg1:2")["in_time"] is False     # timed out: the cut does not count
+    client.close()
