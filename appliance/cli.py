@@ -14,5 +14,19 @@ def main():
 
 main.add_command(lab)
 
+
+@main.group()
+def vra():
+    """The replication appliance (normally started by its appliance VM)."""
+
+
+@vra.command()
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSON settings; TIDEMARK_VRA_* variables override them")
+def serve(config):
+    """Run a VRA in the foreground."""
+    from appliance.vra.service import cli
+    raise SystemExit(cli(["--config", config]))
+
 if __name__ == "__main__":
     main()

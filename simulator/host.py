@@ -334,9 +334,15 @@ def create_app(host: Host) -> Flask:
         except (KeyError, TypeError, ValueError) as exc:
             raise BadRequest(f"barrier takes id, vms and hold_ms: {exc}") from exc
         try:
-            return jsonify(host.io.barrier(bid, vms, b.get("info", {}), hold))
+            out = host.io.barrier(bid, vms, b.get("info", {}), hold)
         except RuntimeError as exc:
             raise Conflict(str(exc)) from exc
+        if b.get("hashes"):   # for tests: the source disks exactly at the cut, while held
+            out["hashes"] = {u: [d.sha256() for d in host.io.vms[u].disks]
+                             for u in vms if u in host.io.vms}
+        out["dirty"] = {u: sum(d.dirty_count() for d in host.io.vms[u].disks)
+                        for u in vms if u in host.io.vms}
+        return jsonify(out)
 
     @app.post("/barrier/<bid>/release")
     def release(bid):

@@ -1,0 +1,1 @@
+"""The VRA: replication appliance, one per hypervisor host (protected and recovery side)."""

@@ -1,0 +1,374 @@
+"""The VRA service: protected side, recovery side (with the DSS journal) and the control API.
+
+Started by the appliance guest agent of a ``tidemark-vra`` VM (``main(props, stop)``,
+settings from OVF properties) or directly::
+
+    tidemark vra serve --config FILE       # JSON; TIDEMARK_VRA_* variables override
+
+Settings (``VRAConfig``) are named the same in the file, the environment
+(upper-cased with the prefix) and the OVF properties.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import make_server
+
+log = logging.getLogger("tidemark.vra")
+
+
+@dataclass
+class VRAConfig:
+    name: str = "vra"                 # unique within the site, e.g. vra-<host>
+    token: str = ""                   # bearer token of the control API and the replication stream
+    listen_host: str = "127.0.0.1"    # address of both listeners
+    control_port: int = 0             # control API (0: any free port)
+    replication_port: int = 0         # where recovery streams arrive (0: any free port)
+    doorbell: str = ""                # the host's mirror doorbell socket ("" = no protected side)
+    host_url: str = ""                # the host's control API (checkpoint barriers, bitmap sync)
+    journal_path: str = ""            # RocksDB folder of the DSS journal ("" = no recovery side)
+    journal_sync: bool = True         # fsync the journal's WAL before acknowledging
+    ready_file: str = ""              # written with the listeners' addresses once serving
+    state_dir: str = ""               # where the VRA keeps its VPG settings across restarts
+
+    @classmethod
+    def load(cls, path: str | None = None, props: dict | None = None,
+             env: dict | None = None) -> "VRAConfig":
+        data: dict = {}
+        if path:
+            data.update(json.loads(Path(path).read_text()))
+        data.update(props or {})
+        env = os.environ if env is None else env
+        for f in fields(cls):
+            key = f"TIDEMARK_VRA_{f.name.upper()}"
+            if key in env:
+                data[f.name] = env[key]
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(data) - set(known) - {"role"}
+        if unknown:
+            raise ValueError(f"unknown VRA settings: {', '.join(sorted(unknown))}")
+        out = {}
+        for k, v in data.items():
+            if k not in known:
+                continue
+            t = known[k].type
+            if t in ("int", int):
+                v = int(v)
+            elif t in ("bool", bool):
+                v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
+            out[k] = v
+        cfg = cls(**out)
+        if not cfg.token:
+            raise ValueError("a VRA needs a token (its control API is never open)")
+        return cfg
+
+
+class VRA:
+    def __init__(self, cfg: VRAConfig):
+        from .protected import ProtectedSide
+        from .recovery import Receiver
+        self.cfg = cfg
+        self.protected = ProtectedSide(cfg.name, cfg.doorbell, cfg.token) if cfg.doorbell else None
+        self.journal = None
+        self.receiver = None
+        if cfg.journal_path:
+            from appliance.dss import Journal
+            self.journal = Journal(cfg.journal_path, sync=cfg.journal_sync)
+            self.receiver = Receiver(self.journal, cfg.token, cfg.listen_host, cfg.replication_port)
+        self.coordinators = {}
+        self._stop = threading.Event()
+        self.syncs = 0
+        self.control_url = ""
+
+    # -- persisted settings: a restarted VRA protects what it protected before it attaches
+    def _state_file(self) -> Path | None:
+        return Path(self.cfg.state_dir) / "protected.json" if self.cfg.state_dir else None
+
+    def saved_vpgs(self) -> dict:
+        f = self._state_file()
+        if f is None or not f.exists():
+            return {}
+        return json.loads(f.read_text())
+
+    def save_vpg(self, vpg: str, settings: dict | None):
+        f = self._state_file()
+        if f is None:
+            return
+        data = self.saved_vpgs()
+        if settings is None:
+            data.pop(vpg, None)
+        else:
+            data[vpg] = settings
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.chmod(0o600)
+        tmp.rename(f)
+
+    def protect(self, vpg: str, b: dict):
+        """Protect a VPG on this host (and lead its checkpoints if asked); persisted."""
+        from .checkpoint import Coordinator
+        side = self.protected
+        side.protect(vpg, [str(u) for u in b["vms"]], (str(b["target_host"]), int(b["target_port"])),
+                     bool(b.get("compress", True)))
+        old = self.coordinators.pop(vpg, None)
+        if old:
+            old.stop()
+        if b.get("leader"):
+            c = Coordinator(vpg, b.get("participants") or {self.cfg.name: self.control_url},
+                            self.cfg.token, side.commit, float(b.get("interval_s", 5.0)),
+                            int(b.get("hold_ms", 50)))
+            self.coordinators[vpg] = c
+            c.start()
+        self.save_vpg(vpg, b)
+
+    def start(self):
+        if self.protected:
+            for vpg, b in self.saved_vpgs().items():
+                self.protect(vpg, b)
+            self.protected.start()
+            if self.cfg.host_url:
+                threading.Thread(target=self._sync_loop, name="bitmap-sync", daemon=True).start()
+        if self.receiver:
+            self.receiver.start()
+
+    def sync_dirty(self) -> int:
+        """Bitmap sync of every protected VM on the host that has dirty blocks, through the ring.
+
+        Only while the VM's stream is connected: a sync into a stream that cannot
+        deliver would just fill the ring and fall back to the bitmap again.
+        """
+        import requests
+        side = self.protected
+        if side is None or side.client is None:
+            return 0
+        st = requests.get(self.cfg.host_url + "/status", timeout=10).json()
+        sent = 0
+        for vm in st["vms"]:
+            vpg = next((v for v, cfg in side.vpgs.items() if vm["instance_uuid"] in cfg["vms"]), None)
+            sender = side.senders.get(vpg) if vpg else None
+            if sender is None or not sender.connected:
+                continue
+            if any(d["dirty_blocks"] for d in vm["disks"]):
+                r = requests.post(f"{self.cfg.host_url}/vms/{vm['instance_uuid']}/sync", timeout=3600)
+                if r.ok:
+                    sent += r.json()["blocks"]
+        self.syncs += 1 if sent else 0
+        return sent
+
+    def _sync_loop(self):
+        while not self._stop.wait(1.0):
+            try:
+                self.sync_dirty()
+            except Exception as exc:   # the host may be restarting; try again next round
+                log.info("bitmap sync round failed: %s", exc)
+
+    def stop(self):
+        self._stop.set()
+        for c in self.coordinators.values():
+            c.stop()
+        if self.protected:
+            self.protected.stop()
+        if self.receiver:
+            self.receiver.stop()
+        if self.journal:
+            self.journal.close()
+
+    def status(self) -> dict:
+        return {"name": self.cfg.name,
+                "protected": self.protected.status() if self.protected else None,
+                "recovery": {"address": list(self.receiver.address),
+                             "vpgs": self.journal.vpgs()} if self.receiver else None,
+                "coordinators": {v: {"taken": c.taken, "invalid": c.invalid, "last": c.last}
+                                 for v, c in self.coordinators.items()}}
+
+
+class APIError(Exception):
+    status = 400
+
+
+def create_app(vra: VRA) -> Flask:
+    import requests
+    app = Flask(f"vra-{vra.cfg.name}")
+
+    def problem(status, title, detail):
+        return jsonify({"title": title, "detail": detail, "status": status}), status
+
+    @app.before_request
+    def _auth():
+        if request.headers.get("Authorization", "") != f"Bearer {vra.cfg.token}":
+            return problem(401, "Unauthorized", "send Authorization: Bearer <the VRA's token>")
+
+    @app.errorhandler(APIError)
+    def _api(exc):
+        return problem(exc.status, "BadRequest" if exc.status == 400 else "Conflict", str(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc):
+        return problem(exc.code, exc.name, exc.description)
+
+    def body() -> dict:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise APIError("the request body must be a JSON object")
+        return data
+
+    def need(side, what):
+        if side is None:
+            e = APIError(f"this VRA has no {what} side configured")
+            e.status = 409
+            raise e
+        return side
+
+    def host(method, path, **kw):
+        r = requests.request(method, vra.cfg.host_url + path, timeout=10, **kw)
+        if r.status_code >= 400:
+            e = APIError(f"host: {r.text}")
+            e.status = 409
+            raise e
+        return r.json()
+
+    @app.get("/v1/status")
+    def status():
+        return jsonify(vra.status())
+
+    @app.put("/v1/protected/vpgs/<vpg>")
+    def protect(vpg):
+        side = need(vra.protected, "protected")
+        b = body()
+        try:
+            vra.protect(vpg, b)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise APIError(f"protect takes vms, target_host, target_port: {exc}") from exc
+        return jsonify(side.status())
+
+    @app.delete("/v1/protected/vpgs/<vpg>")
+    def unprotect(vpg):
+        need(vra.protected, "protected").unprotect(vpg)
+        vra.save_vpg(vpg, None)
+        c = vra.coordinators.pop(vpg, None)
+        if c:
+            c.stop()
+        return "", 204
+
+    @app.post("/v1/protected/vpgs/<vpg>/barrier")
+    def barrier(vpg):
+        side = need(vra.protected, "protected")
+        b = body()
+        cfg = side.vpgs.get(vpg)
+        if cfg is None:
+            raise APIError(f"VPG {vpg} is not protected here")
+        k = int(b["checkpoint"])
+        out = host("POST", "/barrier", json={
+            "id": f"{vpg}:{k}", "vms": cfg["vms"], "hold_ms": int(b.get("hold_ms", 50)),
+            "hashes": bool(b.get("hashes")),
+            "info": {"vpg": vpg, "checkpoint": k, "participants": b.get("participants", [])}})
+        return jsonify(out)
+
+    @app.post("/v1/protected/vpgs/<vpg>/barrier/<int:k>/release")
+    def release(vpg, k):
+        need(vra.protected, "protected")
+        return jsonify(host("POST", f"/barrier/{vpg}:{k}/release"))
+
+    @app.post("/v1/protected/vpgs/<vpg>/checkpoints")
+    def take_checkpoint(vpg):
+        c = vra.coordinators.get(vpg)
+        if c is None:
+            raise APIError(f"this VRA does not lead VPG {vpg}'s checkpoints")
+        b = request.get_json(silent=True) or {}
+        return jsonify(c.checkpoint(b.get("tag"), bool(b.get("hashes")), b.get("hold_ms")))
+
+    @app.put("/v1/recovery/vpgs/<vpg>")
+    def recover_vpg(vpg):
+        from appliance.dss import JournalSettings
+        j = need(vra.journal, "recovery")
+        b = body()
+        try:
+            settings = JournalSettings(replica_dir=str(b["replica_dir"]),
+                                       history_s=float(b.get("history_s", 4 * 3600)),
+                                       hard_limit_bytes=int(b.get("hard_limit_bytes", 0)),
+                                       warn_bytes=int(b.get("warn_bytes", 0)))
+            j.create_vpg(vpg, settings)
+            for d in b.get("disks", []):
+                j.register_disk(vpg, str(d["vm"]), int(d["disk"]), int(d["capacity"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise APIError(f"recovery VPG settings: {exc}") from exc
+        return jsonify({"vpg": vpg, "address": list(vra.receiver.address)})
+
+    @app.get("/v1/recovery/vpgs/<vpg>/checkpoints")
+    def checkpoints(vpg):
+        j = need(vra.journal, "recovery")
+        return jsonify([{"id": c.id, "pos": str(c.pos), "time": c.time, "tag": c.tag}
+                        for c in j.checkpoints(vpg)])
+
+    @app.get("/v1/recovery/vpgs/<vpg>/usage")
+    def usage(vpg):
+        return jsonify(need(vra.journal, "recovery").usage(vpg))
+
+    @app.get("/v1/recovery/vpgs/<vpg>/disks/<vm>/<int:disk>/hash")
+    def image_hash(vpg, vm, disk):
+        j = need(vra.journal, "recovery")
+        k = int(request.args["checkpoint"])
+        cp = next((c for c in j.checkpoints(vpg) if c.id == k), None)
+        if cp is None:
+            raise APIError(f"checkpoint {k} is not recoverable")
+        cap = next(c for v, d, c in j.disks(vpg) if v == vm and d == disk)
+        h = hashlib.sha256()
+        step = 4 << 20
+        for off in range(0, cap, step):
+            h.update(j.read(vpg, vm, disk, off, min(step, cap - off), cp))
+        return jsonify({"sha256": h.hexdigest(), "checkpoint": k})
+
+    return app
+
+
+def serve(cfg: VRAConfig, stop: threading.Event) -> int:
+    vra = VRA(cfg)
+    server = make_server(cfg.listen_host, cfg.control_port, create_app(vra), threaded=True)
+    vra.control_url = f"http://{cfg.listen_host}:{server.port}"
+    vra.start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    if cfg.ready_file:
+        tmp = Path(cfg.ready_file + ".tmp")
+        tmp.write_text(json.dumps({"control_url": f"http://{cfg.listen_host}:{server.port}",
+                                   "replication": list(vra.receiver.address) if vra.receiver else None,
+                                   "pid": os.getpid()}))
+        tmp.rename(cfg.ready_file)
+    log.info("VRA %s serving control on port %d", cfg.name, server.port)
+    stop.wait()
+    server.shutdown()
+    vra.stop()
+    return 0
+
+
+def main(props: dict, stop: threading.Event) -> int:
+    """Entry point of the appliance guest agent: settings from OVF properties."""
+    return serve(VRAConfig.load(props=props), stop)
+
+
+def cli(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Tidemark VRA")
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s vra %(levelname)s %(name)s %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    cfg = VRAConfig.load(args.config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return serve(cfg, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
