@@ -371,7 +371,7 @@ def main(argv=None):
     exit_with_parent()
     host = Host(state)
     app = create_app(host)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server("127.0.0.1", state.get("port", 0), app, threaded=True)
     stop = threading.Event()
     threading.Thread(target=host.serve_doorbell, args=(stop,), daemon=True).start()
 

@@ -153,7 +153,9 @@ class Site:
                  "ring_path": str(self.shm / f"{name}.ring"), "ring_capacity": 64 << 20,
                  "sock_path": str(self.shm / f"{name}.sock"),
                  "pid_file": str(self.lab_dir / "pids" / f"host-{name}.pid"),
-                 "port_file": str(hdir / "port.json"), "running": running}
+                 "port_file": str(hdir / "port.json"), "running": running,
+                 # a restarted host answers where it did before (VRAs keep its address)
+                 "port": int(h.url.rsplit(":", 1)[1]) if h.url else 0}
         Path(state["port_file"]).unlink(missing_ok=True)
         (hdir / "state.json").write_text(json.dumps(state))
         h.proc = spawn([sys.executable, "-m", "simulator.host", "--state", str(hdir / "state.json")],

@@ -34,13 +34,14 @@ class Coordinator:
     """Takes checkpoints of one VPG: ``checkpoint()`` once, or every ``interval`` seconds."""
 
     def __init__(self, vpg: str, participants: dict[str, str], token: str, commit,
-                 interval: float = 5.0, hold_ms: int = 50):
+                 interval: float = 5.0, hold_ms: int = 50, recovery_url: str | None = None):
         self.vpg = vpg
         self.participants = dict(participants)   # VRA name -> control URL
         self.token = token
         self.commit = commit                     # callable(vpg, k, info): the leader's COMMIT
         self.interval = interval
         self.hold_ms = hold_ms
+        self.recovery_url = recovery_url         # to abort a barrier that cannot complete
         self.last_id = 0
         self.taken = 0
         self.invalid = 0
@@ -87,6 +88,12 @@ class Coordinator:
                 except requests.RequestException as exc:
                     valid = False
                     problems.append(f"{name}: release failed: {exc}")
+            if len(held) < len(names) and self.recovery_url:
+                # Some participant wrote no marker: tell the recovery side not to wait for it.
+                try:
+                    self._post(self.recovery_url, f"/v1/recovery/vpgs/{self.vpg}/barriers/{k}/abort")
+                except requests.RequestException as exc:
+                    problems.append(f"abort of barrier {k} failed: {exc}")
             info = {"valid": valid, "time": t_cut, "tag": tag}
             self.commit(self.vpg, k, info)
             self.taken += 1

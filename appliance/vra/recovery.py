@@ -120,6 +120,14 @@ class VPGTarget:
                     return
                 self.cond.wait(left)
 
+    def abort(self, k: int):
+        """The leader knows barrier k cannot complete (a participant failed): stop waiting for it."""
+        with self.cond:
+            if k not in self.cut:
+                self.abandoned.add(k)
+                self.arrived.pop(k, None)
+                self.cond.notify_all()
+
     def _commit(self, source: str, r: wire.Rec):
         info = json.loads(bytes(r.data))
         k = int(info["checkpoint"])

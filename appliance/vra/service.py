@@ -41,6 +41,7 @@ class VRAConfig:
     journal_sync: bool = True         # fsync the journal's WAL before acknowledging
     ready_file: str = ""              # written with the listeners' addresses once serving
     state_dir: str = ""               # where the VRA keeps its VPG settings across restarts
+    maintain_interval_s: float = 10.0  # how often the journal is promoted and its limits enforced
 
     @classmethod
     def load(cls, path: str | None = None, props: dict | None = None,
@@ -65,6 +66,8 @@ class VRAConfig:
             t = known[k].type
             if t in ("int", int):
                 v = int(v)
+            elif t in ("float", float):
+                v = float(v)
             elif t in ("bool", bool):
                 v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
             out[k] = v
@@ -90,6 +93,7 @@ class VRA:
         self._stop = threading.Event()
         self.syncs = 0
         self.control_url = ""
+        self.alerts: list[dict] = []
 
     # -- persisted settings: a restarted VRA protects what it protected before it attaches
     def _state_file(self) -> Path | None:
@@ -128,12 +132,38 @@ class VRA:
         if b.get("leader"):
             c = Coordinator(vpg, b.get("participants") or {self.cfg.name: self.control_url},
                             self.cfg.token, side.commit, float(b.get("interval_s", 5.0)),
-                            int(b.get("hold_ms", 50)))
+                            int(b.get("hold_ms", 50)), b.get("recovery_url"))
             self.coordinators[vpg] = c
             c.start()
         self.save_vpg(vpg, b)
 
+    def rpo(self, vpg: str) -> dict:
+        """RPO = now minus the time of the newest recoverable checkpoint (None if there is none)."""
+        import time
+        cp = self.journal.latest_checkpoint(vpg)
+        return {"rpo_s": None if cp is None else max(0.0, time.time() - cp.time),
+                "latest_checkpoint": None if cp is None else cp.id}
+
+    def maintain(self) -> list[dict]:
+        """Promote history older than each VPG's window and enforce journal limits; new alerts."""
+        alerts = []
+        for vpg in self.journal.vpgs() if self.journal else []:
+            self.journal.promote(vpg)
+            alerts.extend(self.journal.enforce_limits(vpg))
+        self.alerts = alerts
+        return alerts
+
+    def _maintain_loop(self):
+        while not self._stop.wait(self.cfg.maintain_interval_s):
+            try:
+                self.maintain()
+            except Exception as exc:   # reported in status; the next round tries again
+                log.error("journal maintenance failed: %s", exc)
+                self.alerts = [{"kind": "journal_maintenance_failed", "detail": str(exc)}]
+
     def start(self):
+        if self.journal and self.cfg.maintain_interval_s > 0:
+            threading.Thread(target=self._maintain_loop, name="journal-maintenance", daemon=True).start()
         if self.protected:
             for vpg, b in self.saved_vpgs().items():
                 self.protect(vpg, b)
@@ -189,7 +219,8 @@ class VRA:
         return {"name": self.cfg.name,
                 "protected": self.protected.status() if self.protected else None,
                 "recovery": {"address": list(self.receiver.address),
-                             "vpgs": self.journal.vpgs()} if self.receiver else None,
+                             "vpgs": {v: self.rpo(v) for v in self.journal.vpgs()},
+                             "alerts": self.alerts} if self.receiver else None,
                 "coordinators": {v: {"taken": c.taken, "invalid": c.invalid, "last": c.last}
                                  for v, c in self.coordinators.items()}}
 
@@ -311,6 +342,20 @@ def create_app(vra: VRA) -> Flask:
         j = need(vra.journal, "recovery")
         return jsonify([{"id": c.id, "pos": str(c.pos), "time": c.time, "tag": c.tag}
                         for c in j.checkpoints(vpg)])
+
+    @app.post("/v1/recovery/vpgs/<vpg>/barriers/<int:k>/abort")
+    def abort_barrier(vpg, k):
+        need(vra.journal, "recovery")
+        try:
+            vra.receiver.target(vpg).abort(k)
+        except KeyError as exc:
+            raise APIError(str(exc)) from exc
+        return jsonify({"aborted": k})
+
+    @app.post("/v1/recovery/maintain")
+    def maintain():
+        need(vra.journal, "recovery")
+        return jsonify({"alerts": vra.maintain()})
 
     @app.get("/v1/recovery/vpgs/<vpg>/usage")
     def usage(vpg):
