@@ -158,6 +158,7 @@ class IOPath:
         self.ring = R.RingProducer(ring_path, ring_capacity, create=not os.path.exists(ring_path))
         self.stall_budget = stall_budget
         self.attached: str | None = None   # name of the attached VRA
+        self.overflow = False              # the ring overflowed: bitmap mode until it drains
         self.vms: dict[str, VMRuntime] = {}
         self.stats = IOStats()
         self._lock = threading.RLock()     # attach/detach/VM table changes
@@ -175,7 +176,7 @@ class IOPath:
         with disk.lock:
             vm.vm_seq += 1
             got = None
-            if self.attached:
+            if self.attached and not (self.overflow and self._still_overflowing()):
                 t0 = time.monotonic()
                 got = ring.try_reserve(length)
                 if got is None:
@@ -186,6 +187,8 @@ class IOPath:
                     stall = (time.monotonic() - t0) * 1000
                     if stall > stats.max_stall_ms:
                         stats.max_stall_ms = stall
+                    if got is None:
+                        self.overflow = True   # the VRA is behind: bitmap mode until it catches up
             if got is not None:
                 pos, seq, view = got
                 fill(view)
@@ -205,6 +208,13 @@ class IOPath:
             stats.writes += 1
             stats.bytes += length
         return got is not None
+
+    def _still_overflowing(self) -> bool:
+        """In bitmap mode after an overflow, writes skip the ring (no 50 ms wait each) until
+        the VRA has freed half of it."""
+        if self.ring.free_space() >= self.ring.capacity // 2:
+            self.overflow = False
+        return self.overflow
 
     def raw_write(self, disk: Disk, offset: int, view) -> None:
         """A write with no IO filter at all (benchmark baseline)."""

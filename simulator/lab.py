@@ -41,7 +41,7 @@ class Lab:
     # -- up ------------------------------------------------------------------------------
     def up(self, sites: int = 2, hosts: int = 2, vms: int = 4, disk_mib: int = 256,
            vcenter: str = "sim", hyperv_site: bool = False, workload: dict | None | bool = None,
-           timeout: float = 120) -> dict:
+           ring_mib: int = 64, timeout: float = 120) -> dict:
         if self.running():
             return self.status()
         if vcenter not in ("sim", "vcsim"):
@@ -51,7 +51,7 @@ class Lab:
         self.dir.mkdir(parents=True, exist_ok=True)
         names = [f"site-{chr(ord('a') + i)}" for i in range(sites)]
         config = {"sites": [], "hosts": hosts, "vms": vms, "disk_mib": disk_mib,
-                  "vcenter": vcenter, "created": time.time()}
+                  "vcenter": vcenter, "ring_mib": ring_mib, "created": time.time()}
         for i, name in enumerate(names):
             kind = "hyperv" if hyperv_site and i == sites - 1 and sites > 1 else "vsphere"
             if hyperv_site and sites == 1:

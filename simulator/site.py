@@ -83,6 +83,11 @@ class Site:
         self.name = name
         self.kind = self.inv["kind"]
         self.vcenter_mode = vcenter if self.kind == "vsphere" else "sim"
+        try:
+            lab_cfg = json.loads((self.lab_dir / "lab.json").read_text())
+        except (FileNotFoundError, ValueError):
+            lab_cfg = {}
+        self.ring_mib = int(lab_cfg.get("ring_mib", 64))   # each host's mirror ring
         self.shm = shm_dir(self.lab_dir) / name
         self.shm.mkdir(parents=True, exist_ok=True)
         self.hosts = {h["name"]: HostRuntime(h["name"]) for h in self.inv["hosts"]}
@@ -150,7 +155,8 @@ class Site:
         hdir = self.dir / "hosts" / name
         hdir.mkdir(parents=True, exist_ok=True)
         state = {"host": name, "site": self.name, "dir": str(hdir),
-                 "ring_path": str(self.shm / f"{name}.ring"), "ring_capacity": 64 << 20,
+                 "ring_path": str(self.shm / f"{name}.ring"),
+                 "ring_capacity": self.ring_mib << 20,
                  "sock_path": str(self.shm / f"{name}.sock"),
                  "pid_file": str(self.lab_dir / "pids" / f"host-{name}.pid"),
                  "port_file": str(hdir / "port.json"), "running": running,

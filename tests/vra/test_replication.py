@@ -76,7 +76,7 @@ class VRAProc:
 @pytest.fixture
 def setup(tmp_path):
     lab = Lab(tmp_path / "lab")
-    lab.up(sites=2, hosts=2, vms=4, disk_mib=8, workload=False)
+    lab.up(sites=2, hosts=2, vms=4, disk_mib=8, workload=False, ring_mib=4)
     vras = []
     try:
         st = {s["name"]: s for s in lab.status()["sites"]}
@@ -249,3 +249,23 @@ def test_kill_host_process_mid_stream(setup):
                        timeout=60, step=0.5, what="a valid checkpoint after the host came back")
     assert before <= set(recoverable(rec)), "a recoverable checkpoint was lost"
     check_images(rec, {k: h for k, h in cuts.items() if k in before or k == final["id"]}, vms)
+
+
+def test_link_cut_longer_than_the_buffer_ends_in_a_converging_bitmap_sync(setup):
+    lab, rec, leader, vms = setup["lab"], setup["rec"], setup["leader"], setup["vms"]
+    workloads(lab, vms, "start", mbps=4.0)
+    cuts = {}
+    time.sleep(0.5)
+    cut(leader, cuts)
+    lab.link("site-a", "site-b", "cut")
+    stats = lambda: lab.api("site-a", "GET", "/api/stats")
+    # 4 MiB rings, 8 MB/s per host: the rings overflow and writes go to dirty bitmaps.
+    wait_until(lambda: sum(s["bitmap_writes"] for s in stats().values()) > 0, timeout=30,
+               what="the rings to overflow into bitmaps")
+    time.sleep(0.5)
+    lab.link("site-a", "site-b", "restore")
+    workloads(lab, vms, "stop")
+    final = wait_until(lambda: (lambda o: o if o["valid"] else None)(cut(leader, cuts)),
+                       timeout=90, step=0.5, what="a valid checkpoint after the bitmap sync")
+    assert sum(s["sync_blocks"] for s in stats().values()) > 0
+    check_images(rec, {k: h for k, h in cuts.items() if k <= final["id"]}, vms)
