@@ -127,6 +127,10 @@ class Sender:
             except (OSError, ConnectionError, wire.WireError) as exc:
                 self.last_error = str(exc)
                 log.warning("VPG %s: stream to %s broke: %s", self.vpg, self.target, exc)
+            except Exception as exc:   # a bug must not end the stream for good: log, reconnect
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("VPG %s: sender failed", self.vpg)
+                self._stop.wait(1.0)
             finally:
                 self.connected = False
                 try:

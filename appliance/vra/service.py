@@ -42,6 +42,9 @@ class VRAConfig:
     ready_file: str = ""              # written with the listeners' addresses once serving
     state_dir: str = ""               # where the VRA keeps its VPG settings across restarts
     maintain_interval_s: float = 10.0  # how often the journal is promoted and its limits enforced
+    tls_cert: str = ""                # this VRA's certificate from the pairing CA ("" = plain TCP,
+    tls_key: str = ""                 #   allowed in the lab only); its key (0600)
+    tls_ca: str = ""                  # the pairing CA that peers' certificates must chain to
 
     @classmethod
     def load(cls, path: str | None = None, props: dict | None = None,
@@ -82,13 +85,20 @@ class VRA:
         from .protected import ProtectedSide
         from .recovery import Receiver
         self.cfg = cfg
-        self.protected = ProtectedSide(cfg.name, cfg.doorbell, cfg.token) if cfg.doorbell else None
+        client_tls = server_tls = None
+        if cfg.tls_cert:
+            from appliance import pki
+            client_tls = pki.client_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+            server_tls = pki.server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+        self.protected = ProtectedSide(cfg.name, cfg.doorbell, cfg.token,
+                                       tls=client_tls) if cfg.doorbell else None
         self.journal = None
         self.receiver = None
         if cfg.journal_path:
             from appliance.dss import Journal
             self.journal = Journal(cfg.journal_path, sync=cfg.journal_sync)
-            self.receiver = Receiver(self.journal, cfg.token, cfg.listen_host, cfg.replication_port)
+            self.receiver = Receiver(self.journal, cfg.token, cfg.listen_host, cfg.replication_port,
+                                     tls=server_tls)
         self.coordinators = {}
         self._stop = threading.Event()
         self.syncs = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 
@@ -70,6 +71,10 @@ def encode_json(ftype: int, obj: dict) -> list:
 
 
 def send(sock: socket.socket, buffers: list):
+    if isinstance(sock, ssl.SSLSocket):        # TLS has no sendmsg; records are framed anyway
+        for b in buffers:
+            sock.sendall(b)
+        return
     total = sum(len(b) for b in buffers)
     sent = sock.sendmsg(buffers)
     if sent < total:   # rare: finish the rest the slow way

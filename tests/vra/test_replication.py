@@ -73,8 +73,15 @@ class VRAProc:
         return r.json() if r.content else None
 
 
-@pytest.fixture
-def setup(tmp_path):
+@pytest.fixture(params=["plain"])
+def setup(tmp_path, request):
+    tls = {}
+    if request.param == "tls":
+        from appliance import pki
+        ca, ca_key = pki.make_ca(tmp_path / "pki")
+        for name in ("vra-site-b-h0", "vra-site-a-h0", "vra-site-a-h1"):
+            cert, key = pki.issue(tmp_path / "pki", name, ca, ca_key)
+            tls[name] = {"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ca)}
     lab = Lab(tmp_path / "lab")
     lab.up(sites=2, hosts=2, vms=4, disk_mib=8, workload=False, ring_mib=4)
     vras = []
@@ -82,7 +89,7 @@ def setup(tmp_path):
         st = {s["name"]: s for s in lab.status()["sites"]}
         a = st["site-a"]
         rec = VRAProc(tmp_path, "vra-site-b-h0", journal_path=str(tmp_path / "journal"),
-                      journal_sync=True)
+                      journal_sync=True, **tls.get("vra-site-b-h0", {}))
         vras.append(rec)
         disks = [{"vm": v["instance_uuid"], "disk": d["index"], "capacity": d["capacity_bytes"]}
                  for v in a["vms"] for d in v["disks"]]
@@ -94,7 +101,7 @@ def setup(tmp_path):
         for h in a["hosts"]:
             host = lab.api("site-a", "GET", f"/api/hosts/{h['name']}")
             p = VRAProc(tmp_path, f"vra-{h['name']}", doorbell=host["mirror"]["doorbell"],
-                        host_url=host["url"])
+                        host_url=host["url"], **tls.get(f"vra-{h['name']}", {}))
             vras.append(p)
             prot[h["name"]] = p
         participants = {p.name: p.url for p in prot.values()}
@@ -151,6 +158,7 @@ def cut(leader, cuts, **kw):
     return out
 
 
+@pytest.mark.parametrize("setup", ["plain", "tls"], indirect=True)
 def test_images_equal_sources_at_random_checkpoints(setup):
     lab, rec, leader, vms = setup["lab"], setup["rec"], setup["leader"], setup["vms"]
     assert len({v["host"] for v in vms}) == 2          # the VPG spans both hosts
@@ -269,3 +277,31 @@ def test_link_cut_longer_than_the_buffer_ends_in_a_converging_bitmap_sync(setup)
                        timeout=90, step=0.5, what="a valid checkpoint after the bitmap sync")
     assert sum(s["sync_blocks"] for s in stats().values()) > 0
     check_images(rec, {k: h for k, h in cuts.items() if k <= final["id"]}, vms)
+
+
+def test_tls_refuses_a_sender_without_a_pairing_certificate(tmp_path):
+    import socket
+    import ssl
+    from appliance import pki
+    from appliance.vra import wire
+    ca, ca_key = pki.make_ca(tmp_path / "pki")
+    cert, key = pki.issue(tmp_path / "pki", "vra-r", ca, ca_key)
+    assert oct(os.stat(key).st_mode & 0o777) == "0o600"
+    rogue_ca, rogue_key = pki.make_ca(tmp_path / "rogue")
+    rcert, rkey = pki.issue(tmp_path / "rogue", "vra-x", rogue_ca, rogue_key)
+    rec = VRAProc(tmp_path, "vra-r", journal_path=str(tmp_path / "j"), tls_cert=str(cert),
+                  tls_key=str(key), tls_ca=str(ca))
+    try:
+        host, port = rec.replication
+        for ctx in (pki.client_context(str(rcert), str(rkey), str(rogue_ca)),   # wrong CA both ways
+                    None):                                                     # plain TCP
+            s = socket.create_connection((host, port), timeout=5)
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError, wire.WireError)):
+                if ctx is not None:
+                    s = ctx.wrap_socket(s, server_hostname=host)
+                wire.send(s, wire.encode_json(wire.HELLO, {"token": TOKEN, "source": "x/1",
+                                                           "vpg": "v"}))
+                wire.recv_json(s, wire.WELCOME)
+            s.close()
+    finally:
+        rec.stop()
