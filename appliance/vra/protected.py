@@ -25,6 +25,7 @@ from simulator import ring as R
 from simulator.mirror import MirrorClient
 
 from . import wire
+from .throttle import PRIORITY_WEIGHTS, Throttle
 
 log = logging.getLogger("tidemark.vra.protected")
 BATCH_BYTES = 1 << 20
@@ -45,9 +46,11 @@ class Sender:
     """One VPG's stream from this VRA to the VPG's recovery VRA; reconnects and resumes."""
 
     def __init__(self, vpg: str, source: str, target: tuple[str, int], token: str,
-                 compress: bool = True, tls: ssl.SSLContext | None = None, on_done=None):
+                 compress: bool = True, tls: ssl.SSLContext | None = None, on_done=None,
+                 throttle: Throttle | None = None, priority: str = "Medium"):
         self.vpg, self.source, self.target, self.token = vpg, source, tuple(target), token
         self.compress, self.tls, self.on_done = compress, tls, on_done
+        self.throttle, self.weight = throttle, PRIORITY_WEIGHTS[priority]
         self.cond = threading.Condition()
         self.queue: collections.deque = collections.deque()    # (Rec, Token) not sent yet
         self.unacked: collections.deque = collections.deque()  # (Rec, Token) sent, not durable
@@ -156,6 +159,8 @@ class Sender:
                 self.inflight += sum(len(r.data) for r, _ in batch)
             if batch:
                 frame = wire.encode(wire.BATCH, wire.pack_batch([r for r, _ in batch]), self.compress)
+                if self.throttle is not None:
+                    self.throttle.acquire(self.vpg, len(frame[1]), self.weight, self._stop)
                 wire.send(sock, frame)
                 self.sent_bytes += len(frame[1])
 
@@ -188,6 +193,7 @@ class ProtectedSide:
         self.token = token
         self.epoch = epoch or int(time.time() * 1000)
         self.tls = tls
+        self.throttle = Throttle()
         self.vpgs: dict[str, dict] = {}
         self.senders: dict[str, Sender] = {}
         self.vm_vpg: dict[bytes, str] = {}
@@ -213,17 +219,27 @@ class ProtectedSide:
         for s in list(self.senders.values()):
             s.stop()
 
-    def protect(self, vpg: str, vms: list[str], target: tuple[str, int], compress: bool = True):
+    def protect(self, vpg: str, vms: list[str], target: tuple[str, int], compress: bool = True,
+                priority: str = "Medium"):
         """Start (or update) sending a VPG's writes to its recovery VRA."""
+        if priority not in PRIORITY_WEIGHTS:
+            raise ValueError(f"priority is one of {', '.join(PRIORITY_WEIGHTS)}")
         with self.lock:
-            self.vpgs[vpg] = {"vms": list(vms), "target": tuple(target), "compress": compress}
+            old = self.vpgs.get(vpg)
+            self.vpgs[vpg] = {"vms": list(vms), "target": tuple(target), "compress": compress,
+                              "priority": priority}
+            if old and vpg in self.senders and (old["target"], old["compress"]) != (tuple(target), compress):
+                self.senders.pop(vpg).stop()
             for u in list(self.vm_vpg):
                 if self.vm_vpg[u] == vpg:
                     del self.vm_vpg[u]
             for u in vms:
                 self.vm_vpg[uuidlib.UUID(u).bytes] = vpg
-            if vpg not in self.senders:
-                s = Sender(vpg, self.source, target, self.token, compress, self.tls, self._advance)
+            if vpg in self.senders:
+                self.senders[vpg].weight = PRIORITY_WEIGHTS[priority]
+            else:
+                s = Sender(vpg, self.source, target, self.token, compress, self.tls, self._advance,
+                           self.throttle, priority)
                 self.senders[vpg] = s
                 s.start()
 
@@ -267,7 +283,7 @@ class ProtectedSide:
         with self.lock:
             for vpg, cfg in self.vpgs.items():
                 s = Sender(vpg, self.source, cfg["target"], self.token, cfg["compress"], self.tls,
-                           self._advance)
+                           self._advance, self.throttle, cfg["priority"])
                 self.senders[vpg] = s
                 s.start()
 
@@ -327,5 +343,6 @@ class ProtectedSide:
 
     def status(self) -> dict:
         return {"source": self.source, "attached": self.client is not None,
+                "throttle": self.throttle.status(),
                 "vpgs": {v: s.status() for v, s in self.senders.items()},
                 "pending_ring_records": len(self.tokens)}

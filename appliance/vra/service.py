@@ -135,7 +135,7 @@ class VRA:
         from .checkpoint import Coordinator
         side = self.protected
         side.protect(vpg, [str(u) for u in b["vms"]], (str(b["target_host"]), int(b["target_port"])),
-                     bool(b.get("compress", True)))
+                     bool(b.get("compress", True)), str(b.get("priority", "Medium")))
         old = self.coordinators.pop(vpg, None)
         if old:
             old.stop()
@@ -175,7 +175,11 @@ class VRA:
         if self.journal and self.cfg.maintain_interval_s > 0:
             threading.Thread(target=self._maintain_loop, name="journal-maintenance", daemon=True).start()
         if self.protected:
-            for vpg, b in self.saved_vpgs().items():
+            saved = self.saved_vpgs()
+            bw = saved.pop("_bandwidth", None)
+            if bw:
+                self.protected.throttle.set(bw.get("mbps"), bw.get("window"))
+            for vpg, b in saved.items():
                 self.protect(vpg, b)
             self.protected.start()
             if self.cfg.host_url:
@@ -293,6 +297,18 @@ def create_app(vra: VRA) -> Flask:
         except (KeyError, ValueError, TypeError) as exc:
             raise APIError(f"protect takes vms, target_host, target_port: {exc}") from exc
         return jsonify(side.status())
+
+    @app.put("/v1/protected/bandwidth")
+    def bandwidth():
+        side = need(vra.protected, "protected")
+        b = body()
+        try:
+            mbps = None if b.get("mbps") is None else float(b["mbps"])
+            side.throttle.set(mbps, b.get("window"))
+        except (ValueError, TypeError) as exc:
+            raise APIError(str(exc)) from exc
+        vra.save_vpg("_bandwidth", {"mbps": mbps, "window": b.get("window")})
+        return jsonify(side.throttle.status())
 
     @app.delete("/v1/protected/vpgs/<vpg>")
     def unprotect(vpg):

@@ -83,7 +83,7 @@ def setup(tmp_path, request):
             cert, key = pki.issue(tmp_path / "pki", name, ca, ca_key)
             tls[name] = {"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ca)}
     lab = Lab(tmp_path / "lab")
-    lab.up(sites=2, hosts=2, vms=4, disk_mib=8, workload=False, ring_mib=4)
+    lab.up(sites=2, hosts=2, vms=4, disk_mib=8, workload=False, ring_mib=16)
     vras = []
     try:
         st = {s["name"]: s for s in lab.status()["sites"]}
@@ -267,7 +267,7 @@ def test_link_cut_longer_than_the_buffer_ends_in_a_converging_bitmap_sync(setup)
     cut(leader, cuts)
     lab.link("site-a", "site-b", "cut")
     stats = lambda: lab.api("site-a", "GET", "/api/stats")
-    # 4 MiB rings, 8 MB/s per host: the rings overflow and writes go to dirty bitmaps.
+    # 16 MiB rings, 8 MB/s per host: the rings overflow and writes go to dirty bitmaps.
     wait_until(lambda: sum(s["bitmap_writes"] for s in stats().values()) > 0, timeout=30,
                what="the rings to overflow into bitmaps")
     time.sleep(0.5)
@@ -305,3 +305,27 @@ def test_tls_refuses_a_sender_without_a_pairing_certificate(tmp_path):
             s.close()
     finally:
         rec.stop()
+
+
+def test_bandwidth_limit_holds_and_replication_catches_up(setup):
+    lab, rec, leader, prot, vms = setup["lab"], setup["rec"], setup["leader"], setup["prot"], setup["vms"]
+    for p in prot.values():
+        st = p.call("PUT", "/v1/protected/bandwidth", json={"mbps": 1.0})
+        assert st["active"] and st["bandwidth_mbps"] == 1.0
+    r = requests.put(leader.url + "/v1/protected/bandwidth", headers=H, json={"mbps": -1}, timeout=5)
+    assert r.status_code == 400
+    t0 = time.monotonic()
+    workloads(lab, vms, "start", mbps=2.0)
+    time.sleep(3.0)
+    granted = {n: p.call("GET", "/v1/status")["protected"]["throttle"]["granted_bytes"].get(VPG, 0)
+               for n, p in prot.items()}
+    dt = time.monotonic() - t0
+    for n, g in granted.items():
+        assert g / dt <= 1.0e6 * 1.3 + 200_000, f"{n} sent {g / dt / 1e6:.2f} MB/s over a 1 MB/s limit"
+    for p in prot.values():
+        p.call("PUT", "/v1/protected/bandwidth", json={"mbps": None})
+    workloads(lab, vms, "stop")
+    cuts = {}
+    final = wait_until(lambda: (lambda o: o if o["valid"] else None)(cut(leader, cuts)),
+                       timeout=90, step=0.5, what="a valid checkpoint once the limit is lifted")
+    check_images(rec, {final["id"]: final["hashes"]}, vms)
