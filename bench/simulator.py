@@ -23,7 +23,13 @@ covers new data. Best of N (3; 1 with --quick) for each side.
 
 Both files are pre-allocated (fallocate) and read once so that their pages are
 in the page cache, and dirty pages are flushed (sync) before every timed run,
-so raw and mirrored runs see the same page-cache state.
+so raw and mirrored runs see the same page-cache state. The ring (64 MiB, the
+host default) and the doorbell live in /dev/shm, where the lab puts them.
+
+Also printed, for information: the guest-visible mirrored rate, the share of
+the mirrored run the VRA spent idle (near 0: the VRA is the bottleneck), and a
+"raw + guest copy" rate: raw, but the guest first copies its data into a buffer
+of its own, which is what filling the ring costs the mirrored path.
 """
 from __future__ import annotations
 
@@ -58,51 +64,62 @@ GOAL_RATIO = 0.8
 
 
 # -- the VRA: a separate process ------------------------------------------------------
-def vra_main(doorbell: str, replica: str, conn):
+def vra_main(doorbell: str, replica: str, conn, cpu: int | None = None):
     """Take the host's stream, verify every record, apply writes to ``replica``, ack each."""
     from simulator.mirror import MirrorClient
+
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
 
     client = MirrorClient(doorbell, vra="bench-vra")
     ring = client.ring
     fd = os.open(replica, os.O_RDWR)
-    stats = {"records": 0, "writes": 0, "bytes": 0, "seq_errors": 0, "corrupt": 0, "other": 0}
+    records = writes = nbytes = seq_errors = other = 0
+    idle = 0.0
     last_seq = None
+
+    def stats(**extra):
+        return {"records": records, "writes": writes, "bytes": nbytes, "seq_errors": seq_errors,
+                "other": other, "idle_s": idle, **extra}
+
     conn.send("ready")
-    poll, ack, pwrite = ring.poll, ring.ack, os.pwrite
+    poll, ack, pwrite, perf_counter = ring.poll, ring.ack, os.pwrite, time.perf_counter
     WRITE, SYNC = R.WRITE, R.SYNC
     try:
         while True:
             try:
                 rec = poll()              # verifies the record's XXH3 checksum
             except R.RingCorrupt as exc:
-                stats["corrupt"] += 1
-                conn.send({"error": str(exc), **stats})
+                conn.send(stats(error=str(exc)))
                 return
             if rec is not None:
                 seq = rec.seq
                 if last_seq is not None and seq != last_seq + 1:
-                    stats["seq_errors"] += 1
+                    seq_errors += 1
                 last_seq = seq
-                if rec.type == WRITE or rec.type == SYNC:
-                    pwrite(fd, rec.payload, rec.offset)
-                    stats["writes"] += 1
-                    stats["bytes"] += len(rec.payload)
+                rtype = rec.type
+                if rtype == WRITE or rtype == SYNC:
+                    payload = rec.payload
+                    pwrite(fd, payload, rec.offset)
+                    writes += 1
+                    nbytes += len(payload)
+                    del payload
                 else:
-                    stats["other"] += 1
-                stats["records"] += 1
+                    other += 1
+                records += 1
                 del rec
                 ack()                     # after the record is applied: frees its ring space
                 continue
             if conn.poll():
-                msg = conn.recv()
-                if msg == "stop":
+                if conn.recv() == "stop":
                     break
-                conn.send(dict(stats))
+                conn.send(stats())
                 continue
-            ring.wait(0.01)
+            t0 = perf_counter()
+            ring.wait(0.01)               # spins briefly, then sleeps on the doorbell
+            idle += perf_counter() - t0
     finally:
         os.close(fd)
-        conn.send(dict(stats))
         client.close()
 
 
@@ -151,6 +168,19 @@ def run_raw(io, disk, ops) -> float:
     return time.perf_counter() - t0
 
 
+def run_raw_fill(io, disk, ops, bs, arena) -> float:
+    """Raw, but the guest first copies its data into its own buffer (cycling through ``arena``)."""
+    raw_write = io.raw_write
+    slots = len(arena) // bs
+    bufs = [arena[i * bs:(i + 1) * bs] for i in range(slots)]
+    t0 = time.perf_counter()
+    for i, (off, src) in enumerate(ops):
+        buf = bufs[i % slots]
+        buf[:] = src
+        raw_write(disk, off, buf)
+    return time.perf_counter() - t0
+
+
 def run_mirrored(io, vm, disk, ops, bs) -> tuple[float, float]:
     """(guest-visible seconds, seconds until the VRA acknowledged everything)."""
     fills = [(off, _copier(src)) for off, src in ops]
@@ -184,8 +214,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
     ap.add_argument("--ring-mib", type=int, default=64, help="ring capacity (default 64 MiB, the host's)")
     ap.add_argument("--dir", default=None, help="where to put the disk files (default: system temp)")
+    ap.add_argument("--ring-dir", default="/dev/shm" if os.access("/dev/shm", os.W_OK) else None,
+                    help="where to put the ring and doorbell (default /dev/shm, as the lab does)")
     ap.add_argument("--block-sizes", default=None, help="comma separated KiB, e.g. 64")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--pin", action="store_true",
+                    help="pin the host (guest writes) and the VRA to different CPUs")
+    ap.add_argument("--no-fill-baseline", action="store_true",
+                    help="skip the informational raw run in which the guest copies its data first")
     args = ap.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else (0.6 if args.quick else 2.0)
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
@@ -204,16 +240,19 @@ def main(argv=None) -> int:
             print(msg, flush=True)
 
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="tidemark-bench-", dir=args.dir))
-    host = proc = parent_conn = None
+    host = proc = parent_conn = shm = None
     stop = threading.Event()
     results = {}
     try:
         hdir = work / "h0"
         hdir.mkdir()
+        # Ring and doorbell where the lab puts them (simulator/site.py): shared memory.
+        shm = Path(tempfile.mkdtemp(prefix="tidemark-bench-", dir=args.ring_dir))
         state = {"host": "bench-h0", "site": "bench", "dir": str(hdir),
-                 "ring_path": str(hdir / "mirror.ring"), "ring_capacity": args.ring_mib * MiB,
-                 "sock_path": str(hdir / "mirror.sock")}
+                 "ring_path": str(shm / "h0.ring"), "ring_capacity": args.ring_mib * MiB,
+                 "sock_path": str(shm / "h0.sock")}
         disk_path = str(work / "disk0.img")
         replica_path = str(work / "replica0.img")
         log(f"pre-allocating {args.disk_mib} MiB disk and replica in {work} ...")
@@ -229,25 +268,40 @@ def main(argv=None) -> int:
                "disks": [{"index": 0, "path": disk_path, "capacity_bytes": capacity}]}
         host.start_vm(cfg, "power-on")
         io = host.io
+        doorbells = [0]
+        ring_doorbell = io.ring.ring_doorbell
+
+        def counting_doorbell():            # diagnostics: how often the producer woke the VRA
+            doorbells[0] += 1
+            ring_doorbell()
+        io.ring.ring_doorbell = counting_doorbell
         vm = io.vms[cfg["instance_uuid"]]
         disk = vm.disks[0]
 
         ctx = mp.get_context("spawn")
         parent_conn, child_conn = ctx.Pipe()
-        proc = ctx.Process(target=vra_main, args=(state["sock_path"], replica_path, child_conn),
+        cpus = sorted(os.sched_getaffinity(0))
+        pin = args.pin and len(cpus) >= 2
+        proc = ctx.Process(target=vra_main, args=(state["sock_path"], replica_path, child_conn,
+                                                  cpus[1] if pin else None),
                            name="bench-vra", daemon=True)
         proc.start()
         if not parent_conn.poll(30) or parent_conn.recv() != "ready":
             raise RuntimeError("the VRA process did not start")
+        if pin:  # the guest (this process) on one CPU, the VRA on another
+            os.sched_setaffinity(0, {cpus[0]})
         deadline = time.monotonic() + 5
         while not io.attached and time.monotonic() < deadline:
             time.sleep(0.01)
         if not io.attached:
             raise RuntimeError("the VRA did not attach")
-        log(f"VRA attached (pid {proc.pid}); ring {args.ring_mib} MiB; best of {repeat}; "
+        log(f"VRA attached (pid {proc.pid}); ring {args.ring_mib} MiB in {shm}; best of {repeat}; "
             f"~{seconds:g} s per raw run")
 
         content = Content(args.seed)
+        # For the informational "raw + guest copy" baseline: guest buffers the size of the ring.
+        arena = memoryview(bytearray(args.ring_mib * MiB))
+        arena[:] = bytes(len(arena))
 
         def vra_stats():
             parent_conn.send("stats")
@@ -269,7 +323,8 @@ def main(argv=None) -> int:
             run_mirrored(io, vm, disk, probe, bs)   # warm-up; also keeps the replica in step
             n_probe = len(probe)
             del probe
-            raw_best = mir_best = guest_best = 0.0
+            raw_best = mir_best = guest_best = fill_best = 0.0
+            idle_share = 1.0
             bitmap_writes = 0
             for i in range(repeat):
                 ops = make_ops(bs, n, args.seed * 1_000_003 + bs * 31 + i, capacity, content)
@@ -277,15 +332,24 @@ def main(argv=None) -> int:
                 flush()
                 t_raw = run_raw(io, disk, ops)
                 flush()
-                bm0 = io.stats.bitmap_writes
+                bm0, db0, idle0 = io.stats.bitmap_writes, doorbells[0], vra_stats()["idle_s"]
                 t_guest, t_mir = run_mirrored(io, vm, disk, ops, bs)
+                idle = (vra_stats()["idle_s"] - idle0) / t_mir
                 bitmap_writes += io.stats.bitmap_writes - bm0
+                t_fill = None
+                if not args.no_fill_baseline:
+                    flush()
+                    t_fill = run_raw_fill(io, disk, ops, bs, arena)
+                    fill_best = max(fill_best, nbytes / t_fill / 1e6)
                 raw_best = max(raw_best, nbytes / t_raw / 1e6)
-                mir_best = max(mir_best, nbytes / t_mir / 1e6)
+                if nbytes / t_mir / 1e6 > mir_best:
+                    mir_best, idle_share = nbytes / t_mir / 1e6, idle
                 guest_best = max(guest_best, nbytes / t_guest / 1e6)
                 log(f"  {bs // KiB:>5} KiB run {i + 1}/{repeat}: {n} writes, "
-                    f"raw {nbytes / t_raw / 1e6:8.1f} MB/s, mirrored {nbytes / t_mir / 1e6:8.1f} MB/s "
-                    f"(guest-visible {nbytes / t_guest / 1e6:8.1f})")
+                    f"raw {nbytes / t_raw / 1e6:7.1f} MB/s, mirrored {nbytes / t_mir / 1e6:7.1f} MB/s "
+                    f"(guest-visible {nbytes / t_guest / 1e6:7.1f}; VRA idle {idle:4.0%}; "
+                    f"{doorbells[0] - db0} doorbells)"
+                    + (f", raw+guest copy {nbytes / t_fill / 1e6:7.1f} MB/s" if t_fill else ""))
                 del ops
             vra_after = vra_stats()
             applied = vra_after["writes"] - vra_before["writes"]
@@ -293,15 +357,17 @@ def main(argv=None) -> int:
             mirrored_expected = n_probe + n * repeat - bitmap_writes - warmup_bitmap
             src_sha = sha256_file(disk_path, capacity)
             rep_sha = sha256_file(replica_path, capacity)
-            match = (src_sha == rep_sha and applied == mirrored_expected
-                     and vra_after["seq_errors"] == 0)
+            seq_errors = vra_after["seq_errors"] - vra_before["seq_errors"]
+            match = src_sha == rep_sha and applied == mirrored_expected and seq_errors == 0
             results[f"{bs // KiB}KiB"] = {
                 "block_size": bs, "writes_per_run": n,
                 "raw_mbps": round(raw_best, 1), "mirrored_mbps": round(mir_best, 1),
                 "mirrored_guest_mbps": round(guest_best, 1),
+                "raw_guest_copy_mbps": round(fill_best, 1) if fill_best else None,
+                "vra_idle_share": round(idle_share, 3),
                 "ratio": round(mir_best / raw_best, 3) if raw_best else 0.0,
                 "bitmap_writes": bitmap_writes, "replica_match": match,
-                "vra_applied": applied, "vra_seq_errors": vra_after["seq_errors"],
+                "vra_applied": applied, "vra_seq_errors": seq_errors,
             }
             if warmup_bitmap:
                 log(f"  ({warmup_bitmap} warm-up writes fell back to the dirty bitmap; the replica "
@@ -311,7 +377,7 @@ def main(argv=None) -> int:
                     f"this mirrored figure does NOT count !!!")
             if not match:
                 log(f"  !!! replica MISMATCH at {bs // KiB} KiB (sha {src_sha[:12]} vs {rep_sha[:12]}, "
-                    f"applied {applied} of {mirrored_expected}, seq errors {vra_after['seq_errors']})")
+                    f"applied {applied} of {mirrored_expected}, seq errors {seq_errors})")
         io_stats = dict(vars(io.stats))
     finally:
         if parent_conn is not None:
@@ -329,11 +395,14 @@ def main(argv=None) -> int:
             stop.set()
             host.io.close()
         shutil.rmtree(work, ignore_errors=True)
+        if shm is not None:
+            shutil.rmtree(shm, ignore_errors=True)
 
     goal = results.get(f"{GOAL_BS // KiB}KiB")
     goal_ok = bool(goal and goal["ratio"] >= GOAL_RATIO and goal["bitmap_writes"] == 0
                    and goal["replica_match"])
     elapsed = time.monotonic() - started
+    load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     if args.json:
         print(json.dumps({"disk_mib": args.disk_mib, "ring_mib": args.ring_mib, "repeat": repeat,
                           "seconds_per_raw_run": seconds, "consumer_ack": "every record",
@@ -341,20 +410,25 @@ def main(argv=None) -> int:
                           "goal": {"block_size": GOAL_BS, "min_ratio": GOAL_RATIO,
                                    "pass": goal_ok},
                           "max_stall_ms": round(io_stats["max_stall_ms"], 2),
-                          "elapsed_s": round(elapsed, 1)}))
+                          "elapsed_s": round(elapsed, 1), "loadavg_1min_before_after": load}))
     else:
         print()
         print(f"disk {args.disk_mib} MiB, ring {args.ring_mib} MiB, best of {repeat}, "
               f"VRA in a separate process acking every record")
         print(f"{'block':>7} {'raw MB/s':>10} {'mirrored MB/s':>14} {'ratio':>6} {'bitmap writes':>14} "
-              f"{'replica':>8}")
+              f"{'replica':>8} | {'guest-visible':>13} {'VRA idle':>8} {'raw+copy MB/s':>13}")
         for r in results.values():
+            fill = r["raw_guest_copy_mbps"]
             print(f"{r['block_size'] // KiB:>4} KiB {r['raw_mbps']:>10.1f} {r['mirrored_mbps']:>14.1f} "
                   f"{r['ratio']:>6.3f} {r['bitmap_writes']:>14} "
-                  f"{'OK' if r['replica_match'] else 'MISMATCH':>8}")
+                  f"{'OK' if r['replica_match'] else 'MISMATCH':>8} | {r['mirrored_guest_mbps']:>13.1f} "
+                  f"{r['vra_idle_share']:>8.0%} {fill if fill else '-':>13}")
+        print("(guest-visible: until the last write returned; mirrored: until the VRA acked it. "
+              "raw+copy: raw, but the guest copies its data into its own buffer first: informational)")
         if any(r["bitmap_writes"] for r in results.values()):
             print("!!! some mirrored runs fell back to the dirty bitmap: those figures do not count !!!")
-        print(f"max ring stall {io_stats['max_stall_ms']:.2f} ms; elapsed {elapsed:.1f} s")
+        print(f"max ring stall {io_stats['max_stall_ms']:.2f} ms; elapsed {elapsed:.1f} s; "
+              f"load average {load[0]} before, {load[1]} after (other work on the machine skews all figures)")
         if goal:
             print(f"goal: ratio >= {GOAL_RATIO} at {GOAL_BS // KiB} KiB: "
                   f"{'PASS' if goal_ok else 'MISS'} ({goal['ratio']:.3f})")

@@ -23,7 +23,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -45,6 +45,7 @@ REC = struct.Struct("<IHHIIQQQ16sQ")
 # magic, type, disk, length, generation, seq, vm_seq, offset, vm uuid, checksum
 assert REC.size == 64
 REC_ALIGN = 64
+CONSUMER_SPIN = 0.0005  # how long a consumer polls before it sleeps on the doorbell
 
 # Record types.
 WRITE = 1      # a guest write: payload is the data written at (disk, offset)
@@ -77,8 +78,9 @@ def record_checksum(header: memoryview | bytes, payload) -> int:
     return h.intdigest()
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
+    """A committed record (immutable; a tuple, so that a consumer makes one per record cheaply)."""
+
     pos: int            # ring position of the record's header
     end: int            # position just past the record (where the next one starts)
     type: int
@@ -93,6 +95,10 @@ class Record:
     @property
     def type_name(self) -> str:
         return TYPE_NAMES.get(self.type, str(self.type))
+
+
+_new_record = tuple.__new__   # Record(...) without the keyword-handling __new__ (hot path)
+_xxh3_64 = xxhash.xxh3_64
 
 
 class _Mapped:
@@ -133,17 +139,20 @@ class _Mapped:
     def read(self, pos: int, verify: bool = True) -> Record | None:
         """The committed record at ``pos``, or None while it is still being filled."""
         off = HEADER_SIZE + pos % self.capacity
-        hdr = self.view[off:off + REC.size]
+        view = self.view
         (magic, rtype, disk, length, gen, seq, vm_seq, offset, vm_uuid,
-         checksum) = REC.unpack_from(hdr)
+         checksum) = REC.unpack_from(view, off)
         if magic != RECORD_MAGIC:
             return None
-        payload = self.view[off + REC.size:off + REC.size + length]
-        end = pos + REC.size + align(length)
-        if verify and rtype != PAD and record_checksum(hdr, payload) != checksum:
-            raise RingCorrupt(f"{self.path}: record at position {pos} (seq {seq}) failed its "
-                              f"checksum; it was not applied. Detach and resync this host.")
-        return Record(pos, end, rtype, disk, gen, seq, vm_seq, offset, vm_uuid, payload)
+        payload = view[off + 64:off + 64 + length]
+        if verify and rtype != PAD:
+            h = _xxh3_64(view[off + 4:off + 56])   # record_checksum, inlined
+            h.update(payload)
+            if h.intdigest() != checksum:
+                raise RingCorrupt(f"{self.path}: record at position {pos} (seq {seq}) failed its "
+                                  f"checksum; it was not applied. Detach and resync this host.")
+        return _new_record(Record, (pos, pos + 64 + ((length + 63) & -64), rtype, disk, gen, seq,
+                                    vm_seq, offset, vm_uuid, payload))
 
 
 class RingProducer(_Mapped):
@@ -170,14 +179,16 @@ class RingProducer(_Mapped):
 
     def try_reserve(self, length: int) -> tuple[int, int, memoryview] | None:
         """Reserve a record of ``length`` payload bytes: (position, seq, payload view) or None if full."""
-        need = REC.size + align(length)
-        if need > self.capacity // 2:
-            raise RingError(f"record of {length} bytes is too large for a {self.capacity}-byte ring")
+        need = 64 + ((length + 63) & -64)            # REC.size + align(length)
+        cap = self.capacity
+        if need > cap >> 1:
+            raise RingError(f"record of {length} bytes is too large for a {cap}-byte ring")
+        view = self.view
         with self._lock:
             pos = self._head
-            off = pos % self.capacity
-            pad = self.capacity - off if self.capacity - off < need else 0
-            if pos + pad + need - self.tail() > self.capacity:
+            off = pos % cap
+            pad = cap - off if cap - off < need else 0
+            if pos + pad + need - _U64.unpack_from(view, _OFF_TAIL)[0] > cap:
                 return None
             if pad:
                 self._write_pad(pos, pad)
@@ -186,12 +197,13 @@ class RingProducer(_Mapped):
             base = HEADER_SIZE + off
             # Not committed until the magic is written; the length is kept so that
             # recovery can step over a reservation whose producer died.
-            _U32.pack_into(self.mm, base, 0)
-            _U32.pack_into(self.mm, base + 8, length)
+            _U32.pack_into(view, base, 0)
+            _U32.pack_into(view, base + 8, length)
             seq = self.next_seq
-            self.next_seq += 1
-            self.set_head(pos + need)
-        return pos, seq, self.view[base + REC.size:base + REC.size + length]
+            self.next_seq = seq + 1
+            self._head = head = pos + need               # set_head, inlined
+            _U64.pack_into(view, _OFF_HEAD, head)
+        return pos, seq, view[base + 64:base + 64 + length]
 
     def _write_pad(self, pos: int, size: int):
         base = HEADER_SIZE + pos % self.capacity
@@ -202,15 +214,18 @@ class RingProducer(_Mapped):
                       vm_seq: int, offset: int, vm_uuid: bytes, payload: memoryview):
         """Write the header and checksum of a reserved record, still without its magic."""
         base = HEADER_SIZE + pos % self.capacity
-        hdr = self.view[base:base + REC.size]
-        REC.pack_into(hdr, 0, 0, rtype, disk, len(payload), generation, seq, vm_seq, offset,
+        view = self.view
+        REC.pack_into(view, base, 0, rtype, disk, len(payload), generation, seq, vm_seq, offset,
                       vm_uuid, 0)
-        _U64.pack_into(hdr, 56, record_checksum(hdr, payload))
+        h = _xxh3_64(view[base + 4:base + 56])           # record_checksum, inlined
+        h.update(payload)
+        _U64.pack_into(view, base + 56, h.intdigest())
 
     def commit(self, pos: int):
         """Write the magic of a record: from then on the consumer sees it."""
-        _U32.pack_into(self.mm, HEADER_SIZE + pos % self.capacity, RECORD_MAGIC)
-        if _U32.unpack_from(self.mm, _OFF_CONSUMER_WAITING)[0]:
+        view = self.view
+        _U32.pack_into(view, HEADER_SIZE + pos % self.capacity, RECORD_MAGIC)
+        if _U32.unpack_from(view, _OFF_CONSUMER_WAITING)[0]:
             self.ring_doorbell()
 
     def ring_doorbell(self):
@@ -280,26 +295,46 @@ class RingConsumer(_Mapped):
 
     def poll(self) -> Record | None:
         """The next committed record after the cursor, or None. Advances the cursor (not the tail)."""
+        view = self.view
         while True:
-            if self.cursor >= self.head():
+            cursor = self.cursor
+            if cursor >= _U64.unpack_from(view, _OFF_HEAD)[0]:
                 return None
-            rec = self.read(self.cursor)
+            rec = self.read(cursor)
             if rec is None:
                 return None
-            self.cursor = rec.end
-            if rec.type != PAD:
+            self.cursor = rec[1]                         # rec.end
+            if rec[2] != PAD:                            # rec.type
                 return rec
 
     def ack(self, pos: int | None = None):
         """Free everything before ``pos`` (default: the cursor)."""
-        _U64.pack_into(self.mm, _OFF_TAIL, self.cursor if pos is None else pos)
+        _U64.pack_into(self.view, _OFF_TAIL, self.cursor if pos is None else pos)
 
-    def wait(self, timeout: float) -> bool:
-        """Sleep until the producer rings the doorbell or ``timeout`` passes; True if data may be there."""
-        if self.cursor < self.head() and self.read(self.cursor, verify=False) is not None:
+    def _committed(self) -> bool:
+        """True if the record at the cursor is committed (its magic is written)."""
+        cursor = self.cursor
+        view = self.view
+        return (cursor < _U64.unpack_from(view, _OFF_HEAD)[0] and
+                _U32.unpack_from(view, HEADER_SIZE + cursor % self.capacity)[0] == RECORD_MAGIC)
+
+    def wait(self, timeout: float, spin: float = CONSUMER_SPIN) -> bool:
+        """Sleep until the producer rings the doorbell or ``timeout`` passes; True if data may be there.
+
+        It first polls for up to ``spin`` seconds (yielding the CPU and the GIL
+        between looks): a producer that commits within that time never has to
+        ring the doorbell, which costs it a syscall and a cross-CPU wake-up.
+        """
+        if self._committed():
             return True
+        if spin > 0:
+            end = time.monotonic() + min(spin, timeout)
+            while time.monotonic() < end:
+                os.sched_yield()
+                if self._committed():
+                    return True
         _U32.pack_into(self.mm, _OFF_CONSUMER_WAITING, 1)
-        if self.cursor < self.head() and self.read(self.cursor, verify=False) is not None:
+        if self._committed():
             return True
         if self.doorbell is None:
             time.sleep(min(timeout, 0.002))

@@ -252,8 +252,10 @@ def test_checkpoint_barrier_orders_writes_and_times_out(tmp_path, host):
     time.sleep(0.1)
     assert host.io.stats.writes == writes          # held: no write completes
     assert host.io.release("vpg1:1")["in_time"] is True
-    time.sleep(0.05)
-    assert host.io.stats.writes > writes
+    deadline = time.monotonic() + 5
+    while host.io.stats.writes == writes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert host.io.stats.writes > writes             # released: writes go on
     for u in uids:
         host.workload(u, {"action": "stop"})
     recs = []
