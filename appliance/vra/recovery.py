@@ -135,6 +135,7 @@ class VPGTarget:
             cut = self.cut.pop(k, None)
             for old in [x for x in self.cut if x < k]:
                 self.cut.pop(old)
+            self.abandoned = {x for x in self.abandoned if x >= k}   # barriers only grow
         with self.append_lock:
             if cut is not None and cut.lsn > 0 and info.get("valid", True):
                 cp = Checkpoint(k, cut, float(info["time"]), info.get("tag"))
