@@ -1,0 +1,104 @@
+"""append(): the journal's write path (docs/FORMAT.md, "Journal (DSS)", "Append and durability").
+
+Validate the whole batch first (nothing is written if any of it is refused), then build one
+WriteBatch (entry records, one index record per 4 KiB block, checkpoints, progress, the new state
+record) and write it with the WAL fsynced (``Journal._write``) before returning.
+"""
+from __future__ import annotations
+
+import struct
+
+from rocksdict import WriteBatch
+from xxhash import xxh3_64_intdigest as _xxh3
+
+from . import keys as K
+from . import records as R
+from .errors import DuplicateEntry, InvalidAppend, StreamGap
+from .pos import Checkpoint, Entry, Pos
+from .state import VpgState, entry_cost
+
+_ENTRY_KEY = struct.Struct(">IIQ")
+_INDEX_TAIL = struct.Struct(">QIQ")
+_INDEX_BODY = struct.Struct("<HH")
+_CHECK = struct.Struct("<Q")
+_FULL_BLOCK = _INDEX_BODY.pack(0, K.BLOCK)
+
+
+def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], now: float,
+           progress: dict[str, int] | None) -> Pos | None:
+    with v.write_lock:
+        j._check_writable()
+        durable = v.durable
+        prev = durable
+        disks = []
+        for e in entries:
+            p = e.pos
+            if prev is not None and p <= prev:
+                if durable is not None and p <= durable:
+                    raise DuplicateEntry(p, v.name, durable)
+                raise InvalidAppend(v.name, f"entry {p} does not follow entry {prev} of the same batch")
+            if prev is not None and p.generation == prev.generation:
+                if p.lsn != prev.lsn + 1:
+                    raise StreamGap(p, v.name, durable, f"lsn {prev.lsn + 1} expected")
+            elif p.lsn != 1:
+                raise StreamGap(p, v.name, durable, "a generation starts at lsn 1")
+            if p.generation <= v.sealed:
+                raise StreamGap(p, v.name, durable, f"generations up to {v.sealed} were closed by a "
+                                                 "recovery commit")
+            d = j._disk(v, e.vm, e.disk)
+            if e.offset < 0 or e.offset + len(e.data) > d.capacity:
+                raise InvalidAppend(v.name, f"entry {p} writes {len(e.data)} bytes at offset {e.offset} "
+                                         f"of a {d.capacity}-byte disk")
+            disks.append(d)
+            prev = p
+        floor = v.pins.floor
+        for cp in checkpoints:
+            if prev is None or cp.pos > prev:
+                raise InvalidAppend(v.name, f"checkpoint {cp.id} at {cp.pos} is after the last entry {prev}")
+            if cp.pos < floor:
+                raise InvalidAppend(v.name, f"checkpoint {cp.id} at {cp.pos} is before the recoverable "
+                                         f"history, which starts at {floor}")
+        wb = WriteBatch(raw_mode=True)
+        put, ecf, icf = wb.put, j._entries_cf, j._index_cf
+        vpg_id = v.id
+        added = 0
+        for e, d in zip(entries, disks):
+            gen, lsn = e.pos.generation, e.pos.lsn
+            ekey = _ENTRY_KEY.pack(vpg_id, gen, lsn)
+            data, off = e.data, e.offset
+            put(ekey, R.encode_entry(ekey, d.vmb, e.disk, off, data, now), ecf)
+            added += entry_cost(len(data), off)
+            if not data:
+                continue
+            # one index record per 4 KiB block written: [start, end) of the block
+            end = off + len(data)
+            first, last = off >> K.BLOCK_SHIFT, (end - 1) >> K.BLOCK_SHIFT
+            prefix = d.prefix
+            for b in range(first, last + 1):
+                if b == first or b == last:
+                    base = b << K.BLOCK_SHIFT
+                    body = _INDEX_BODY.pack(off - base if b == first else 0,
+                                            end - base if b == last else K.BLOCK)
+                else:
+                    body = _FULL_BLOCK
+                ikey = prefix + _INDEX_TAIL.pack(b, gen, lsn)
+                put(ikey, _CHECK.pack(_xxh3(ikey + body)) + body, icf)
+        ckeys = []
+        for cp in checkpoints:
+            ckey = K.format_checkpoint_key(vpg_id, cp.pos, cp.id)
+            wb.put(ckey, R.encode_checkpoint(ckey, cp.time, cp.tag))
+            ckeys.append(ckey)
+        wb.put(v.state_key, v.state_value(durable=prev, entries=v.entries + len(entries),
+                                          nbytes=v.nbytes + added))
+        for source, seq in (progress or {}).items():
+            pkey = K.format_progress_key(vpg_id, source)
+            wb.put(pkey, R.encode_progress(pkey, int(seq)))
+        v.pending.update(ckeys)             # visible before durable: hidden until the fsync
+        j._write(wb, f"append to VPG {v.name}")
+        v.pending.difference_update(ckeys)
+        if progress:
+            v.progress.update((s_, int(q)) for s_, q in progress.items())
+        v.durable = prev
+        v.entries += len(entries)
+        v.nbytes += added
+        return prev
