@@ -81,11 +81,17 @@ def main(argv=None) -> int:
     if service is not None:
         state["service"] = "running"
         publish()
-        rc = service.main(props, stop)
-        state["service"] = f"exited {rc}"
+        try:
+            rc = service.main(props, stop)
+            state["service"] = f"exited {rc}"
+        except Exception as exc:   # the appliance stays up and says why its service failed
+            log.exception("the %s service failed", role)
+            state["service"] = f"failed: {type(exc).__name__}: {exc}"
+            rc = None
         publish()
-        server.shutdown()
-        return int(rc or 0)
+        if rc is not None:
+            server.shutdown()
+            return int(rc or 0)
     publish()
     stop.wait()
     server.shutdown()

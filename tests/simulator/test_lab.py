@@ -157,26 +157,43 @@ def test_vra_gone_and_back_bitmap_sync_converges(lab, tmp_path):
     assert sha256_file(replica, v["disks"][0]["capacity_bytes"]) == lab.disk_hash(v["name"], 0)
 
 
-def test_appliance_vm_runs_its_service_process(lab):
+def test_appliance_vm_runs_its_service_process(lab, tmp_path):
+    ready = tmp_path / "vra-ready.json"
     vm = lab.api("site-b", "POST", "/api/vms", json={
         "name": "site-b-vra0", "host": "site-b-h0", "image": "tidemark-vra", "disks_mib": [],
-        "properties": {"zvm_url": "https://127.0.0.1:9669", "api_token": "s3cret"},
+        "properties": {"name": "vra-site-b-h0", "token": "s3cret", "ready_file": str(ready),
+                       "journal_path": str(tmp_path / "journal")},
         "power_on": True})
     assert vm["power_state"] == "poweredOn"
     host = lab.api("site-b", "GET", "/api/hosts/site-b-h0")
-    status = requests.get(host["url"] + "/status", timeout=5).json()
     app = wait_until(lambda: next((a for a in requests.get(host["url"] + "/status", timeout=5)
                                    .json()["appliances"] if a["guest"]), None), what="guest info")
     assert app["running"] and app["guest"]["role"] == "vra"
-    assert app["guest"]["properties"]["zvm_url"] == "https://127.0.0.1:9669"
-    assert app["guest"]["properties"]["api_token"] == "***"      # secrets never shown
+    assert app["guest"]["properties"]["name"] == "vra-site-b-h0"
+    assert app["guest"]["properties"]["token"] == "***"           # secrets never shown
     info = requests.get(app["guest"]["guestinfo_url"], timeout=5).json()
-    assert info["role"] == "vra"
+    assert info["role"] == "vra" and info["service"] == "running"
+    # The VRA service runs in the appliance, configured from its OVF properties.
+    url = json.loads(wait_until(lambda: ready.exists() and ready.read_text(),
+                                what="the VRA to serve"))["control_url"]
+    st = requests.get(url + "/v1/status", headers={"Authorization": "Bearer s3cret"}, timeout=5).json()
+    assert st["name"] == "vra-site-b-h0" and st["recovery"] is not None
     pid = app["pid"]
     lab.power("site-b-vra0", False)
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
                what="appliance process to stop")
-    assert status["host"] == "site-b-h0"
+
+
+def test_appliance_with_bad_settings_reports_the_failure(lab):
+    lab.api("site-b", "POST", "/api/vms", json={
+        "name": "site-b-vra1", "host": "site-b-h1", "image": "tidemark-vra", "disks_mib": [],
+        "properties": {"bogus": "1"}, "power_on": True})
+    host = lab.api("site-b", "GET", "/api/hosts/site-b-h1")
+    app = wait_until(lambda: next((a for a in requests.get(host["url"] + "/status", timeout=5)
+                                   .json()["appliances"]
+                                   if a["guest"].get("service", "").startswith("failed")), None),
+                     what="the appliance to report its failed service")
+    assert "bogus" in app["guest"]["service"] and app["running"]
 
 
 def test_api_rejects_bad_input_with_problem(lab):
