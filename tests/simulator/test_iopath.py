@@ -76,13 +76,22 @@ def test_replay_reproduces_source(tmp_path, host, pattern, seed):
     # On a loaded machine the consumer may fall behind the unthrottled guests for more than
     # the 50 ms budget: those writes go to the bitmap, and the stream shows it as vm_seq gaps.
     # A bitmap sync through the ring then brings the replica up to date, in order.
+    ring = host.io.ring
+
+    def drained():
+        deadline = time.monotonic() + 30
+        while ring.tail() != ring._head and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+
+    drained()
+    assert bool(rep.gaps) == bool(host.io.stats.bitmap_writes)
+    for c in cfgs:
+        host.io.sync(c["instance_uuid"])     # streamed while the consumer keeps draining
+    drained()
     stop.set()
     t.join(10)
     drain(client, rep, idle=0.3)
-    assert bool(rep.gaps) == bool(host.io.stats.bitmap_writes)
-    for c in cfgs:
-        host.io.sync(c["instance_uuid"])     # the ring has room now: the sync fits
-        drain(client, rep, idle=0.3)
     for c in cfgs:
         for d, replica in zip(c["disks"], replica_paths(tmp_path, c)):
             assert sha256_file(replica, d["capacity_bytes"]) == sha256_file(d["path"], d["capacity_bytes"])
