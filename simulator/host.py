@@ -173,7 +173,8 @@ class Host:
                 "vm_seq": vm.vm_seq,
                 "workload": wl.status() if wl else {"state": "stopped"},
                 "disks": [{"index": d.index, "dirty_blocks": d.dirty_count(),
-                           "block_size": d.block} for d in vm.disks]}
+                           "block_size": d.block, "path": d.path, "capacity_bytes": d.capacity}
+                          for d in vm.disks]}
 
     def status(self) -> dict:
         s = self.io.stats
@@ -324,6 +325,31 @@ def create_app(host: Host) -> Flask:
         if not host.io.attached:
             raise Conflict(f"no VRA is attached to {host.name}: nothing to sync to")
         return jsonify({"blocks": host.io.sync(vm_uuid)})
+
+    @app.post("/vms/<vm_uuid>/disks/<int:disk>/sync-blocks")
+    def sync_blocks(vm_uuid, disk):
+        """Delta sync: stream the listed blocks (``blocks`` and/or ``runs`` of [start, count])."""
+        _disk(vm_uuid, disk)
+        if not host.io.attached:
+            raise Conflict(f"no VRA is attached to {host.name}: nothing to sync to")
+        b = body()
+        try:
+            bs = int(b.get("block_size", 4096))
+            blocks = [int(x) for x in b.get("blocks", [])]
+            for start, count in b.get("runs", []):
+                start, count = int(start), int(count)
+                if count < 0 or count > 1 << 32:
+                    raise ValueError(f"bad run [{start}, {count}]")
+                blocks.extend(range(start, start + count))
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"sync-blocks takes block_size and blocks or runs: {exc}") from exc
+        try:
+            out = host.io.sync_blocks(vm_uuid, disk, bs, blocks)
+        except KeyError as exc:
+            raise NotFound(f"VM {vm_uuid} is not running on {host.name}") from exc
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+        return jsonify(out)
 
     @app.post("/barrier")
     def barrier():

@@ -65,12 +65,15 @@ class MirrorClient:
             self.ring.close()
 
 
+_APPLIED = frozenset((*R.DATA_TYPES, R.ATTACH_VM, R.DETACH_VM))
+
+
 class StreamError(Exception):
     """The mirrored stream broke one of its rules: {0}"""
 
 
 class Replayer:
-    """Applies WRITE and SYNC records of the given VMs to replica files, checking the order rules.
+    """Applies WRITE, SYNC and ZERO records of the given VMs to replica files, checking the order rules.
 
     ``targets`` maps a VM's instance UUID to a list of replica paths (one per disk).
     Per VM, vm_seq must grow by one from record to record within a generation;
@@ -93,7 +96,7 @@ class Replayer:
             raise StreamError(f"host seq went from {last} to {rec.seq}")
         self.last_seq[ring_id] = rec.seq
         key = bytes(rec.vm_uuid)
-        if key not in self.fds or rec.type not in (R.WRITE, R.SYNC, R.ATTACH_VM, R.DETACH_VM):
+        if key not in self.fds or rec.type not in _APPLIED:
             return
         prev = self.last.get(key)
         if rec.type == R.ATTACH_VM:
@@ -115,6 +118,10 @@ class Replayer:
         self.last[key] = (rec.generation, rec.vm_seq)
         if rec.type in (R.WRITE, R.SYNC):
             os.pwrite(self.fds[key][rec.disk], rec.payload, rec.offset)
+            self.applied += 1
+        elif rec.type == R.ZERO:
+            offset, length = R.data_extent(rec)
+            os.pwrite(self.fds[key][rec.disk], bytes(length), offset)
             self.applied += 1
 
     def close(self):

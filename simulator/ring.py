@@ -55,8 +55,18 @@ DETACH_VM = 4  # a VM's stream ends on this host (vMotion away, power off): payl
 SYNC = 5       # a block read from the disk during a bitmap sync: payload is the data
 ATTACH = 6     # a VRA attached to this ring: payload is JSON (dirty disks to sync)
 MARKER = 7     # a checkpoint barrier: every write acknowledged before it precedes it
+ZERO = 8       # zero blocks read during a delta sync: payload is the u64 length of zeros at offset
 TYPE_NAMES = {WRITE: "write", PAD: "pad", ATTACH_VM: "attach_vm", DETACH_VM: "detach_vm",
-              SYNC: "sync", ATTACH: "attach", MARKER: "marker"}
+              SYNC: "sync", ATTACH: "attach", MARKER: "marker", ZERO: "zero"}
+DATA_TYPES = (WRITE, SYNC, ZERO)   # records that change a disk
+_ZERO_LEN = struct.Struct("<Q")
+
+
+def data_extent(rec) -> tuple[int, int]:
+    """(offset, length) of the disk bytes a WRITE, SYNC or ZERO record changes."""
+    if rec.type == ZERO:
+        return rec.offset, _ZERO_LEN.unpack_from(rec.payload, 0)[0]
+    return rec.offset, len(rec.payload)
 
 
 class RingError(Exception):

@@ -303,6 +303,11 @@ class ProtectedSide:
                     if vpg is not None:
                         self.senders[vpg].enqueue(wire.R_WRITE, tok, bytes(rec.vm_uuid), rec.disk,
                                                   rec.offset, rec.payload)
+                elif rec.type == R.ZERO:
+                    vpg = self.vm_vpg.get(bytes(rec.vm_uuid))
+                    if vpg is not None:
+                        self.senders[vpg].enqueue(wire.R_ZERO, tok, bytes(rec.vm_uuid), rec.disk,
+                                                  rec.offset, bytes(rec.payload[:8]))
                 elif rec.type == R.MARKER:
                     info = json.loads(bytes(rec.payload))
                     vpg = info.get("vpg")

@@ -91,6 +91,17 @@ class VPGTarget:
                     pos = Pos(pos.generation, pos.lsn + 1)
                     entries.append(Entry(pos, str(uuidlib.UUID(bytes=bytes(r.vm))), r.disk, r.offset,
                                          bytes(r.data)))
+                elif r.kind == wire.R_ZERO:
+                    # Journaled as an ordinary entry of zero bytes (simple; the journal has no
+                    # zero-entry record): the WAN carried 8 bytes, the journal stores the zeros.
+                    if len(r.data) != wire.ZERO_LEN.size:
+                        raise wire.WireError(f"ZERO record {r.seq} carries {len(r.data)} bytes, not 8")
+                    (length,) = wire.ZERO_LEN.unpack(bytes(r.data))
+                    if not 0 < length <= wire.MAX_FRAME:
+                        raise wire.WireError(f"ZERO record {r.seq} of {length} bytes")
+                    pos = Pos(pos.generation, pos.lsn + 1)
+                    entries.append(Entry(pos, str(uuidlib.UUID(bytes=bytes(r.vm))), r.disk, r.offset,
+                                         bytes(length)))
             self.journal.append(self.vpg, entries, progress={source: recs[-1].seq})
             self.pos = pos
             self.progress[source] = recs[-1].seq

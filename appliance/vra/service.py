@@ -26,6 +26,13 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
 log = logging.getLogger("tidemark.vra")
+DELTA_BLOCK = 4096              # delta sync block: the journal's index granularity
+DELTA_CHUNK = 64 << 20          # source bytes hashed and compared per step
+MAX_HASH_SPAN = 256 << 20       # most disk bytes one hashes request covers
+
+
+class SyncError(Exception):
+    """A delta sync could not run or finish."""
 
 
 @dataclass
@@ -104,6 +111,10 @@ class VRA:
         self.syncs = 0
         self.control_url = ""
         self.alerts: list[dict] = []
+        self.vpg_settings: dict[str, dict] = {}       # VPG -> its protect settings
+        self._sync_lock = threading.Lock()
+        self._syncs_running: dict[str, int] = {}      # VPG -> delta syncs in progress
+        self._syncs_started: dict[str, int] = {}      # VPG -> delta syncs ever started
 
     # -- persisted settings: a restarted VRA protects what it protected before it attaches
     def _state_file(self) -> Path | None:
@@ -145,7 +156,146 @@ class VRA:
                             int(b.get("hold_ms", 50)), b.get("recovery_url"))
             self.coordinators[vpg] = c
             c.start()
+        self.vpg_settings[vpg] = dict(b)
         self.save_vpg(vpg, b)
+
+    # -- delta sync ------------------------------------------------------------------------
+    def sync_state(self, vpg: str) -> tuple[int, int]:
+        """(delta syncs of the VPG running, delta syncs of it started so far)."""
+        with self._sync_lock:
+            return self._syncs_running.get(vpg, 0), self._syncs_started.get(vpg, 0)
+
+    def _sync_begin(self, vpg: str):
+        with self._sync_lock:
+            self._syncs_running[vpg] = self._syncs_running.get(vpg, 0) + 1
+            self._syncs_started[vpg] = self._syncs_started.get(vpg, 0) + 1
+
+    def _sync_end(self, vpg: str):
+        with self._sync_lock:
+            self._syncs_running[vpg] -= 1
+
+    def _host_vms(self) -> list[dict]:
+        import requests
+        r = requests.get(self.cfg.host_url + "/status", timeout=10)
+        r.raise_for_status()
+        return r.json()["vms"]
+
+    def delta_sync_all(self, vpg: str) -> dict:
+        """Delta sync of every disk of every VM of the VPG that runs on this VRA's host."""
+        side = self.protected
+        if side is None or vpg not in side.vpgs:
+            raise KeyError(f"VPG {vpg} is not protected here")
+        members = set(side.vpgs[vpg]["vms"])
+        out = {"disks": [], "blocks_compared": 0, "blocks_differing": 0, "blocks_sent": 0,
+               "zero_blocks": 0, "seconds": 0.0}
+        for vm in self._host_vms():
+            if vm["instance_uuid"] not in members:
+                continue
+            for d in vm["disks"]:
+                r = self.delta_sync(vpg, vm["instance_uuid"], d["index"])
+                out["disks"].append({"vm": vm["instance_uuid"], "disk": d["index"], **r})
+                for k in ("blocks_compared", "blocks_differing", "blocks_sent", "zero_blocks", "seconds"):
+                    out[k] += r[k]
+        return out
+
+    def delta_sync(self, vpg: str, vm_uuid: str, disk: int, connect_timeout: float = 30.0) -> dict:
+        """Make one protected disk's replica equal to its source, moving only differing blocks.
+
+        Reads the source disk file in ``DELTA_CHUNK`` steps, hashes each 4 KiB block
+        (``kernels.block_hashes``), fetches the recovery VRA's hashes of the same range
+        at its durable position, and has the host stream the differing blocks through
+        the ring (``sync-blocks``: zero blocks as ZERO records without data), in order
+        with the guest's writes. While it runs, barriers of the VPG report it as dirty,
+        so no checkpoint taken mid-sync is valid. See docs/FORMAT.md, "Delta sync".
+        """
+        import base64
+        import time
+
+        import numpy as np
+        import requests
+
+        from appliance import kernels
+        side = self.protected
+        if side is None or not self.cfg.host_url:
+            raise SyncError("this VRA has no protected side (doorbell and host_url) configured")
+        cfg = side.vpgs.get(vpg)
+        if cfg is None:
+            raise KeyError(f"VPG {vpg} is not protected here")
+        if vm_uuid not in cfg["vms"]:
+            raise KeyError(f"VM {vm_uuid} is not in VPG {vpg}")
+        recovery_url = (self.vpg_settings.get(vpg) or {}).get("recovery_url")
+        if not recovery_url:
+            raise SyncError(f"VPG {vpg} was protected without a recovery_url: cannot compare")
+        vm = next((v for v in self._host_vms() if v["instance_uuid"] == vm_uuid), None)
+        if vm is None:
+            raise KeyError(f"VM {vm_uuid} does not run on this VRA's host")
+        d = next((x for x in vm["disks"] if x["index"] == disk), None)
+        if d is None:
+            raise KeyError(f"VM {vm_uuid} has no disk {disk}")
+        path, cap = d["path"], int(d["capacity_bytes"])
+        deadline = time.monotonic() + connect_timeout
+        while not (side.client is not None and vpg in side.senders and side.senders[vpg].connected):
+            if time.monotonic() > deadline:
+                raise SyncError(f"VPG {vpg}: the stream to the recovery VRA is not connected")
+            time.sleep(0.05)
+        auth = {"Authorization": f"Bearer {self.cfg.token}"}
+        bs = DELTA_BLOCK
+        out = {"vm": vm_uuid, "disk": disk, "blocks_compared": 0, "blocks_differing": 0,
+               "blocks_sent": 0, "zero_blocks": 0, "bytes_sent": 0, "seconds": 0.0,
+               "seconds_streaming": 0.0}
+        t0 = time.monotonic()
+        self._sync_begin(vpg)
+        try:
+            buf = bytearray(min(DELTA_CHUNK, cap))
+            with open(path, "rb", buffering=0) as f:
+                for off in range(0, cap, DELTA_CHUNK):
+                    n = min(DELTA_CHUNK, cap - off)
+                    view = memoryview(buf)[:n]
+                    got = f.readinto(view) if f.seek(off) == off else 0
+                    if got < n:                        # past the file's end: zeros
+                        view[got:] = bytes(n - got)
+                    src = kernels.block_hashes(view, bs)
+                    r = requests.get(f"{recovery_url}/v1/recovery/vpgs/{vpg}/disks/{vm_uuid}/{disk}/hashes",
+                                     params={"offset": off, "length": n, "block_size": bs},
+                                     headers=auth, timeout=600)
+                    if r.status_code >= 400:
+                        raise SyncError(f"recovery VRA hashes: {r.text}")
+                    h = r.json()
+                    if int(h.get("hash_version", kernels.HASH_VERSION)) != kernels.HASH_VERSION:
+                        raise SyncError(f"recovery VRA hashes are version {h['hash_version']}, "
+                                        f"this VRA's {kernels.HASH_VERSION}")
+                    dst = np.frombuffer(base64.b64decode(h["hashes"]), dtype="<u8")
+                    if len(dst) != len(src):
+                        raise SyncError(f"the recovery side has {len(dst)} blocks at offset {off}, "
+                                        f"the source {len(src)}: do the disk capacities match?")
+                    diff = kernels.compare_hashes(src, dst)
+                    out["blocks_compared"] += len(src)
+                    out["blocks_differing"] += len(diff)
+                    if not len(diff):
+                        continue
+                    first = off // bs
+                    runs = _runs(diff)
+                    t_stream = time.monotonic()
+                    r = requests.post(f"{self.cfg.host_url}/vms/{vm_uuid}/disks/{disk}/sync-blocks",
+                                      json={"block_size": bs,
+                                            "runs": [[first + s, c] for s, c in runs]},
+                                      timeout=3600)
+                    if r.status_code >= 400:
+                        raise SyncError(f"host sync-blocks: {r.text}")
+                    sent = r.json()
+                    out["seconds_streaming"] += time.monotonic() - t_stream
+                    out["blocks_sent"] += sent["blocks"]
+                    out["zero_blocks"] += sent["zero_blocks"]
+                    out["bytes_sent"] += sent["bytes"]
+                    if sent.get("unsent"):
+                        raise SyncError(f"the host could not stream {sent['unsent']} blocks "
+                                        "(the VRA detached?); they are in its dirty bitmap")
+        finally:
+            self._sync_end(vpg)
+            out["seconds"] = round(time.monotonic() - t0, 3)
+            out["seconds_streaming"] = round(out["seconds_streaming"], 3)
+        log.info("delta sync of VPG %s VM %s disk %d: %s", vpg, vm_uuid, disk, out)
+        return out
 
     def rpo(self, vpg: str) -> dict:
         """RPO = now minus the time of the newest recoverable checkpoint (None if there is none)."""
@@ -236,7 +386,20 @@ class VRA:
                              "vpgs": {v: self.rpo(v) for v in self.journal.vpgs()},
                              "alerts": self.alerts} if self.receiver else None,
                 "coordinators": {v: {"taken": c.taken, "invalid": c.invalid, "last": c.last}
-                                 for v, c in self.coordinators.items()}}
+                                 for v, c in self.coordinators.items()},
+                "delta_syncs": {v: {"running": r, "started": self._syncs_started.get(v, 0)}
+                                for v, r in list(self._syncs_running.items())}}
+
+
+def _runs(idx) -> list[tuple[int, int]]:
+    """Runs of consecutive ints in an ascending array: [(start, count), ...]."""
+    out: list[list[int]] = []
+    for i in (int(x) for x in idx):
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1][1] += 1
+        else:
+            out.append([i, 1])
+    return [(a, b) for a, b in out]
 
 
 class APIError(Exception):
@@ -327,11 +490,35 @@ def create_app(vra: VRA) -> Flask:
         if cfg is None:
             raise APIError(f"VPG {vpg} is not protected here")
         k = int(b["checkpoint"])
+        before = vra.sync_state(vpg)
         out = host("POST", "/barrier", json={
             "id": f"{vpg}:{k}", "vms": cfg["vms"], "hold_ms": int(b.get("hold_ms", 50)),
             "hashes": bool(b.get("hashes")),
             "info": {"vpg": vpg, "checkpoint": k, "participants": b.get("participants", [])}})
+        after = vra.sync_state(vpg)
+        if before[0] or after[0] or before[1] != after[1]:
+            # a delta sync ran at some point around the marker: the cut is not consistent
+            out.setdefault("dirty", {})["delta-sync"] = max(1, before[0], after[0])
         return jsonify(out)
+
+    @app.post("/v1/protected/vpgs/<vpg>/sync")
+    def delta_sync(vpg):
+        need(vra.protected, "protected")
+        b = body()
+        try:
+            if b.get("all"):
+                return jsonify(vra.delta_sync_all(vpg))
+            return jsonify(vra.delta_sync(vpg, str(b["vm"]), int(b.get("disk", 0))))
+        except KeyError as exc:
+            e = APIError(f"delta sync: {exc}")
+            e.status = 404
+            raise e from exc
+        except (ValueError, TypeError) as exc:
+            raise APIError(f"delta sync takes vm and disk, or all: {exc}") from exc
+        except (SyncError, requests.RequestException) as exc:
+            e = APIError(str(exc))
+            e.status = 409
+            raise e from exc
 
     @app.post("/v1/protected/vpgs/<vpg>/barrier/<int:k>/release")
     def release(vpg, k):
@@ -386,6 +573,51 @@ def create_app(vra: VRA) -> Flask:
     @app.get("/v1/recovery/vpgs/<vpg>/usage")
     def usage(vpg):
         return jsonify(need(vra.journal, "recovery").usage(vpg))
+
+    @app.get("/v1/recovery/vpgs/<vpg>/disks/<vm>/<int:disk>/hashes")
+    def block_hashes(vpg, vm, disk):
+        """Per-block hashes (XXH64, kernels.block_hashes) of a replica disk range at the durable
+        position: what a protected VRA's delta sync compares its source against."""
+        import base64
+
+        import numpy as np
+
+        from appliance import kernels
+        from appliance.dss import DSSError, NotRecoverable, Pos
+        j = need(vra.journal, "recovery")
+        try:
+            offset = int(request.args.get("offset", 0))
+            length = int(request.args["length"])
+            bs = int(request.args.get("block_size", DELTA_BLOCK))
+            if bs <= 0 or bs % 8 or offset < 0 or offset % bs or length < 0:
+                raise ValueError("block_size must be a positive multiple of 8, offset a multiple of it")
+            if length > MAX_HASH_SPAN:
+                raise ValueError(f"at most {MAX_HASH_SPAN} bytes per request")
+            cap = next((c for v, d, c in j.disks(vpg) if v == vm and d == disk), None)
+        except (KeyError, ValueError, TypeError, DSSError) as exc:
+            raise APIError(f"hashes take offset, length and block_size: {exc}") from exc
+        if cap is None:
+            e = APIError(f"VM {vm} disk {disk} is not registered in VPG {vpg}")
+            e.status = 404
+            raise e
+        length = max(0, min(length, cap - offset))
+        step = max(bs, (16 << 20) // bs * bs)
+        for _ in range(5):
+            pos = j.durable_pos(vpg) or Pos(0, 0)
+            parts = []
+            try:
+                for o in range(offset, offset + length, step):
+                    parts.append(kernels.block_hashes(
+                        j.read(vpg, vm, disk, o, min(step, offset + length - o), pos), bs))
+            except NotRecoverable:      # promoted past it meanwhile: again at the new position
+                continue
+            break
+        else:
+            raise APIError("the journal kept moving past the hashed position")
+        hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        return jsonify({"pos": str(pos), "offset": offset, "length": length, "block_size": bs,
+                        "hash_version": kernels.HASH_VERSION,
+                        "hashes": base64.b64encode(hashes.astype("<u8").tobytes()).decode()})
 
     @app.get("/v1/recovery/vpgs/<vpg>/disks/<vm>/<int:disk>/hash")
     def image_hash(vpg, vm, disk):

@@ -29,6 +29,8 @@ F_LZ4 = 1
 REC = struct.Struct("<BBHIQQ16s")    # kind, reserved, disk, length, offset, source seq, vm uuid
 assert REC.size == 40
 R_WRITE, R_MARKER, R_COMMIT, R_ATTACH_VM, R_DETACH_VM, R_GAP = 1, 2, 3, 4, 5, 6
+R_ZERO = 7                            # zeros at (disk, offset); data is their u64 length
+ZERO_LEN = struct.Struct("<Q")
 BATCH_HDR = struct.Struct("<QI")      # first source seq, record count
 
 
