@@ -13,20 +13,11 @@ import requests
 
 from simulator.iopath import sha256_file
 from simulator.lab import Lab
+from waiting import wait_until
 from simulator.mirror import MirrorClient, Replayer
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = {"mbps": 8, "block_sizes": [4096, 65536, 262144], "pattern": "random"}
-
-
-def wait_until(pred, timeout=30, step=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -17,21 +17,12 @@ import pytest
 import requests
 
 from simulator.lab import Lab
+from waiting import wait_until
 from simulator.procs import spawn, stop_process, wait_for_file
 
 TOKEN = "t0ken-for-tests"
 H = {"Authorization": f"Bearer {TOKEN}"}
 VPG = "vpg1"
-
-
-def wait_until(pred, timeout=30, step=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class VRAProc:
