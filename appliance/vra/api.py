@@ -1,0 +1,242 @@
+"""The VRA's control API (docs/vra.md): thin Flask views over the ``VRA`` service object."""
+from __future__ import annotations
+
+import hashlib
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .service import DELTA_BLOCK, MAX_HASH_SPAN, VRA, SyncError
+
+class APIError(Exception):
+    status = 400
+
+
+def create_app(vra: VRA) -> Flask:
+    import requests
+    app = Flask(f"vra-{vra.cfg.name}")
+
+    def problem(status, title, detail):
+        return jsonify({"title": title, "detail": detail, "status": status}), status
+
+    @app.before_request
+    def _auth():
+        if request.headers.get("Authorization", "") != f"Bearer {vra.cfg.token}":
+            return problem(401, "Unauthorized", "send Authorization: Bearer <the VRA's token>")
+
+    @app.errorhandler(APIError)
+    def _api(exc):
+        return problem(exc.status, "BadRequest" if exc.status == 400 else "Conflict", str(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http(exc):
+        return problem(exc.code, exc.name, exc.description)
+
+    def body() -> dict:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise APIError("the request body must be a JSON object")
+        return data
+
+    def need(side, what):
+        if side is None:
+            e = APIError(f"this VRA has no {what} side configured")
+            e.status = 409
+            raise e
+        return side
+
+    def host(method, path, **kw):
+        r = requests.request(method, vra.cfg.host_url + path, timeout=10, **kw)
+        if r.status_code >= 400:
+            e = APIError(f"host: {r.text}")
+            e.status = 409
+            raise e
+        return r.json()
+
+    @app.get("/v1/status")
+    def status():
+        return jsonify(vra.status())
+
+    @app.put("/v1/protected/vpgs/<vpg>")
+    def protect(vpg):
+        side = need(vra.protected, "protected")
+        b = body()
+        try:
+            vra.protect(vpg, b)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise APIError(f"protect takes vms, target_host, target_port: {exc}") from exc
+        return jsonify(side.status())
+
+    @app.put("/v1/protected/bandwidth")
+    def bandwidth():
+        side = need(vra.protected, "protected")
+        b = body()
+        try:
+            mbps = None if b.get("mbps") is None else float(b["mbps"])
+            side.throttle.set(mbps, b.get("window"))
+        except (ValueError, TypeError) as exc:
+            raise APIError(str(exc)) from exc
+        vra.save_vpg("_bandwidth", {"mbps": mbps, "window": b.get("window")})
+        return jsonify(side.throttle.status())
+
+    @app.delete("/v1/protected/vpgs/<vpg>")
+    def unprotect(vpg):
+        need(vra.protected, "protected").unprotect(vpg)
+        vra.save_vpg(vpg, None)
+        c = vra.coordinators.pop(vpg, None)
+        if c:
+            c.stop()
+        return "", 204
+
+    @app.post("/v1/protected/vpgs/<vpg>/barrier")
+    def barrier(vpg):
+        side = need(vra.protected, "protected")
+        b = body()
+        cfg = side.vpgs.get(vpg)
+        if cfg is None:
+            raise APIError(f"VPG {vpg} is not protected here")
+        k = int(b["checkpoint"])
+        before = vra.sync_state(vpg)
+        out = host("POST", "/barrier", json={
+            "id": f"{vpg}:{k}", "vms": cfg["vms"], "hold_ms": int(b.get("hold_ms", 50)),
+            "hashes": bool(b.get("hashes")),
+            "info": {"vpg": vpg, "checkpoint": k, "participants": b.get("participants", [])}})
+        after = vra.sync_state(vpg)
+        if before[0] or after[0] or before[1] != after[1]:
+            # a delta sync ran at some point around the marker: the cut is not consistent
+            out.setdefault("dirty", {})["delta-sync"] = max(1, before[0], after[0])
+        return jsonify(out)
+
+    @app.post("/v1/protected/vpgs/<vpg>/sync")
+    def delta_sync(vpg):
+        need(vra.protected, "protected")
+        b = body()
+        try:
+            if b.get("all"):
+                return jsonify(vra.delta_sync_all(vpg))
+            return jsonify(vra.delta_sync(vpg, str(b["vm"]), int(b.get("disk", 0))))
+        except KeyError as exc:
+            e = APIError(f"delta sync: {exc}")
+            e.status = 404
+            raise e from exc
+        except (ValueError, TypeError) as exc:
+            raise APIError(f"delta sync takes vm and disk, or all: {exc}") from exc
+        except (SyncError, requests.RequestException) as exc:
+            e = APIError(str(exc))
+            e.status = 409
+            raise e from exc
+
+    @app.post("/v1/protected/vpgs/<vpg>/barrier/<int:k>/release")
+    def release(vpg, k):
+        need(vra.protected, "protected")
+        return jsonify(host("POST", f"/barrier/{vpg}:{k}/release"))
+
+    @app.post("/v1/protected/vpgs/<vpg>/checkpoints")
+    def take_checkpoint(vpg):
+        c = vra.coordinators.get(vpg)
+        if c is None:
+            raise APIError(f"this VRA does not lead VPG {vpg}'s checkpoints")
+        b = request.get_json(silent=True) or {}
+        return jsonify(c.checkpoint(b.get("tag"), bool(b.get("hashes")), b.get("hold_ms")))
+
+    @app.put("/v1/recovery/vpgs/<vpg>")
+    def recover_vpg(vpg):
+        from appliance.dss import JournalSettings
+        j = need(vra.journal, "recovery")
+        b = body()
+        try:
+            settings = JournalSettings(replica_dir=str(b["replica_dir"]),
+                                       history_s=float(b.get("history_s", 4 * 3600)),
+                                       hard_limit_bytes=int(b.get("hard_limit_bytes", 0)),
+                                       warn_bytes=int(b.get("warn_bytes", 0)))
+            j.create_vpg(vpg, settings)
+            for d in b.get("disks", []):
+                j.register_disk(vpg, str(d["vm"]), int(d["disk"]), int(d["capacity"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise APIError(f"recovery VPG settings: {exc}") from exc
+        return jsonify({"vpg": vpg, "address": list(vra.receiver.address)})
+
+    @app.get("/v1/recovery/vpgs/<vpg>/checkpoints")
+    def checkpoints(vpg):
+        j = need(vra.journal, "recovery")
+        return jsonify([{"id": c.id, "pos": str(c.pos), "time": c.time, "tag": c.tag}
+                        for c in j.checkpoints(vpg)])
+
+    @app.post("/v1/recovery/vpgs/<vpg>/barriers/<int:k>/abort")
+    def abort_barrier(vpg, k):
+        need(vra.journal, "recovery")
+        try:
+            vra.receiver.target(vpg).abort(k)
+        except KeyError as exc:
+            raise APIError(str(exc)) from exc
+        return jsonify({"aborted": k})
+
+    @app.post("/v1/recovery/maintain")
+    def maintain():
+        need(vra.journal, "recovery")
+        return jsonify({"alerts": vra.maintain()})
+
+    @app.get("/v1/recovery/vpgs/<vpg>/usage")
+    def usage(vpg):
+        return jsonify(need(vra.journal, "recovery").usage(vpg))
+
+    @app.get("/v1/recovery/vpgs/<vpg>/disks/<vm>/<int:disk>/hashes")
+    def block_hashes(vpg, vm, disk):
+        """Per-block hashes (XXH64, kernels.block_hashes) of a replica disk range at the durable
+        position: what a protected VRA's delta sync compares its source against."""
+        import base64
+
+        import numpy as np
+
+        from appliance import kernels
+        from appliance.dss import DSSError, NotRecoverable, Pos
+        j = need(vra.journal, "recovery")
+        try:
+            offset = int(request.args.get("offset", 0))
+            length = int(request.args["length"])
+            bs = int(request.args.get("block_size", DELTA_BLOCK))
+            if bs <= 0 or bs % 8 or offset < 0 or offset % bs or length < 0:
+                raise ValueError("block_size must be a positive multiple of 8, offset a multiple of it")
+            if length > MAX_HASH_SPAN:
+                raise ValueError(f"at most {MAX_HASH_SPAN} bytes per request")
+            cap = next((c for v, d, c in j.disks(vpg) if v == vm and d == disk), None)
+        except (KeyError, ValueError, TypeError, DSSError) as exc:
+            raise APIError(f"hashes take offset, length and block_size: {exc}") from exc
+        if cap is None:
+            e = APIError(f"VM {vm} disk {disk} is not registered in VPG {vpg}")
+            e.status = 404
+            raise e
+        length = max(0, min(length, cap - offset))
+        step = max(bs, (16 << 20) // bs * bs)
+        for _ in range(5):
+            pos = j.durable_pos(vpg) or Pos(0, 0)
+            parts = []
+            try:
+                for o in range(offset, offset + length, step):
+                    parts.append(kernels.block_hashes(
+                        j.read(vpg, vm, disk, o, min(step, offset + length - o), pos), bs))
+            except NotRecoverable:      # promoted past it meanwhile: again at the new position
+                continue
+            break
+        else:
+            raise APIError("the journal kept moving past the hashed position")
+        hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+        return jsonify({"pos": str(pos), "offset": offset, "length": length, "block_size": bs,
+                        "hash_version": kernels.HASH_VERSION,
+                        "hashes": base64.b64encode(hashes.astype("<u8").tobytes()).decode()})
+
+    @app.get("/v1/recovery/vpgs/<vpg>/disks/<vm>/<int:disk>/hash")
+    def image_hash(vpg, vm, disk):
+        j = need(vra.journal, "recovery")
+        k = int(request.args["checkpoint"])
+        cp = next((c for c in j.checkpoints(vpg) if c.id == k), None)
+        if cp is None:
+            raise APIError(f"checkpoint {k} is not recoverable")
+        cap = next(c for v, d, c in j.disks(vpg) if v == vm and d == disk)
+        h = hashlib.sha256()
+        step = 4 << 20
+        for off in range(0, cap, step):
+            h.update(j.read(vpg, vm, disk, off, min(step, cap - off), cp))
+        return jsonify({"sha256": h.hexdigest(), "checkpoint": k})
+
+    return app
