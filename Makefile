@@ -55,8 +55,12 @@ test-slow: setup
 test-all: setup
 	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
 
+# Quick runs of every benchmark; run a script without --quick for the full figures.
 bench: setup
-	$(PY) bench/simulator.py
+	$(PY) bench/simulator.py --quick
+	$(PY) bench/kernels.py --quick
+	$(PY) bench/journal.py --quick
+	$(PY) bench/replication.py --quick
 
 clean: lab-down
 	rm -rf $(BUILD) $(VENV) $(LAB_DIR)
