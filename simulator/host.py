@@ -20,7 +20,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 from flask import Flask, jsonify, request

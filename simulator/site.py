@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -25,7 +24,7 @@ import requests
 from . import model
 from .iopath import sha256_file
 from .link import Link
-from .procs import read_pidfile, spawn, stop_process, wait_for_file
+from .procs import spawn, stop_process, wait_for_file
 
 log = logging.getLogger("tidemark.site")
 
