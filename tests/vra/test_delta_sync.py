@@ -15,8 +15,7 @@ import pytest
 import requests
 
 from appliance import kernels
-from simulator.lab import Lab
-from test_replication import VPG, VRAProc, check_images, cut, wait_until, workloads
+from test_replication import VPG, check_images, cut, replication, wait_until, workloads
 
 BS = 4096
 
@@ -61,42 +60,8 @@ def _source_blocks(vms):
 @pytest.fixture
 def dsetup(tmp_path):
     """test_replication's setup, with data on the source disks before any VRA exists."""
-    lab = Lab(tmp_path / "lab")
-    lab.up(sites=2, hosts=2, vms=4, disk_mib=8, workload=False, ring_mib=16)
-    vras = []
-    try:
-        st = {s["name"]: s for s in lab.status()["sites"]}
-        a = st["site-a"]
-        _pre_existing_data(lab, a["vms"])
-        rec = VRAProc(tmp_path, "vra-site-b-h0", journal_path=str(tmp_path / "journal"),
-                      journal_sync=True)
-        vras.append(rec)
-        disks = [{"vm": v["instance_uuid"], "disk": d["index"], "capacity": d["capacity_bytes"]}
-                 for v in a["vms"] for d in v["disks"]]
-        rec.call("PUT", f"/v1/recovery/vpgs/{VPG}", json={"replica_dir": str(tmp_path / "replicas"),
-                                                            "disks": disks})
-        route = lab.api("site-a", "POST", "/api/links", json={
-            "peer": "site-b", "target_host": rec.replication[0], "target_port": rec.replication[1]})
-        prot = {}
-        for h in a["hosts"]:
-            host = lab.api("site-a", "GET", f"/api/hosts/{h['name']}")
-            p = VRAProc(tmp_path, f"vra-{h['name']}", doorbell=host["mirror"]["doorbell"],
-                        host_url=host["url"])
-            vras.append(p)
-            prot[h["name"]] = p
-        participants = {p.name: p.url for p in prot.values()}
-        vms = [v["instance_uuid"] for v in a["vms"]]
-        leader = prot["site-a-h0"]
-        for p in prot.values():
-            p.call("PUT", f"/v1/protected/vpgs/{VPG}", json={
-                "vms": vms, "target_host": "127.0.0.1", "target_port": route["port"],
-                "compress": True, "leader": p is leader, "participants": participants,
-                "interval_s": 0, "recovery_url": rec.url})
-        yield {"lab": lab, "rec": rec, "prot": prot, "leader": leader, "vms": a["vms"]}
-    finally:
-        for v in vras:
-            v.stop()
-        lab.down()
+    with replication(tmp_path, before=_pre_existing_data) as s:
+        yield s
 
 
 def sync_all(p):
@@ -110,7 +75,7 @@ def valid_cut(leader, cuts=None, timeout=60):
 
 
 def test_initial_sync_moves_only_non_zero_blocks(dsetup):
-    lab, rec, leader, prot, vms = dsetup["lab"], dsetup["rec"], dsetup["leader"], dsetup["prot"], dsetup["vms"]
+    rec, leader, prot, vms = dsetup["rec"], dsetup["leader"], dsetup["prot"], dsetup["vms"]
     nonzero = _source_blocks(vms)
     total = sum(int(m.sum()) for m in nonzero.values())
     assert total > 0

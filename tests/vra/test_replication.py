@@ -4,6 +4,7 @@ A VPG of four VMs on two hosts writes random data; the leader VRA takes
 checkpoints while the test has the hosts hash the source disks at each cut;
 every recoverable checkpoint's image must equal those hashes.
 """
+import contextlib
 import json
 import os
 import random
@@ -64,23 +65,29 @@ class VRAProc:
         return r.json() if r.content else None
 
 
-@pytest.fixture(params=["plain"])
-def setup(tmp_path, request):
-    tls = {}
-    if request.param == "tls":
+@contextlib.contextmanager
+def replication(tmp_path, tls: bool = False, before=None):
+    """A lab with a VPG of site-a's 4 VMs (2 hosts) replicating to a recovery VRA on site-b.
+
+    ``before(lab, vms)`` runs once the lab is up and before any VRA exists.
+    """
+    certs = {}
+    if tls:
         from appliance import pki
         ca, ca_key = pki.make_ca(tmp_path / "pki")
         for name in ("vra-site-b-h0", "vra-site-a-h0", "vra-site-a-h1"):
             cert, key = pki.issue(tmp_path / "pki", name, ca, ca_key)
-            tls[name] = {"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ca)}
+            certs[name] = {"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ca)}
     lab = Lab(tmp_path / "lab")
     lab.up(sites=2, hosts=2, vms=4, disk_mib=8, workload=False, ring_mib=16)
     vras = []
     try:
         st = {s["name"]: s for s in lab.status()["sites"]}
         a = st["site-a"]
+        if before is not None:
+            before(lab, a["vms"])
         rec = VRAProc(tmp_path, "vra-site-b-h0", journal_path=str(tmp_path / "journal"),
-                      journal_sync=True, **tls.get("vra-site-b-h0", {}))
+                      journal_sync=True, **certs.get("vra-site-b-h0", {}))
         vras.append(rec)
         disks = [{"vm": v["instance_uuid"], "disk": d["index"], "capacity": d["capacity_bytes"]}
                  for v in a["vms"] for d in v["disks"]]
@@ -92,7 +99,7 @@ def setup(tmp_path, request):
         for h in a["hosts"]:
             host = lab.api("site-a", "GET", f"/api/hosts/{h['name']}")
             p = VRAProc(tmp_path, f"vra-{h['name']}", doorbell=host["mirror"]["doorbell"],
-                        host_url=host["url"], **tls.get(f"vra-{h['name']}", {}))
+                        host_url=host["url"], **certs.get(f"vra-{h['name']}", {}))
             vras.append(p)
             prot[h["name"]] = p
         participants = {p.name: p.url for p in prot.values()}
@@ -109,6 +116,12 @@ def setup(tmp_path, request):
         for v in vras:
             v.stop()
         lab.down()
+
+
+@pytest.fixture(params=["plain"])
+def setup(tmp_path, request):
+    with replication(tmp_path, tls=request.param == "tls") as s:
+        yield s
 
 
 def workloads(lab, vms, action, mbps=3.0):
