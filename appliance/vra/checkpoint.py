@@ -65,12 +65,19 @@ class Coordinator:
             names = sorted(self.participants)
             body = {"checkpoint": k, "participants": names, "hold_ms": hold_ms or self.hold_ms,
                     "hashes": hashes}
-            held, valid, source_hashes, problems = [], True, {}, []
+            held, marked, valid, source_hashes, problems = [], [], True, {}, []
             t_cut = time.time()
             for name in names:
                 try:
                     out = self._post(self.participants[name], f"/v1/protected/vpgs/{self.vpg}/barrier", body)
                     held.append(name)
+                    if out.get("marker_seq") is None:
+                        # The host holds the writes but no VRA is attached to take a marker
+                        # (e.g. just restarted): this participant's stream has no cut.
+                        valid = False
+                        problems.append(f"{name}: no marker (VRA not attached to its host)")
+                    else:
+                        marked.append(name)
                     source_hashes.update(out.get("hashes") or {})
                     if any(out.get("dirty", {}).values()):
                         valid = False
@@ -88,7 +95,7 @@ class Coordinator:
                 except requests.RequestException as exc:
                     valid = False
                     problems.append(f"{name}: release failed: {exc}")
-            if len(held) < len(names) and self.recovery_url:
+            if len(marked) < len(names) and self.recovery_url:
                 # Some participant wrote no marker: tell the recovery side not to wait for it.
                 try:
                     self._post(self.recovery_url, f"/v1/recovery/vpgs/{self.vpg}/barriers/{k}/abort")
