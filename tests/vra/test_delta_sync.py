@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from appliance import kernels
-from test_replication import VPG, check_images, cut, replication, wait_until, workloads
+from test_replication import VPG, check_images, cut, replication, valid_cut, wait_until, workloads
 
 BS = 4096
 
@@ -66,12 +66,6 @@ def dsetup(tmp_path):
 
 def sync_all(p):
     return p.call("POST", f"/v1/protected/vpgs/{VPG}/sync", json={"all": True})
-
-
-def valid_cut(leader, cuts=None, timeout=60):
-    cuts = {} if cuts is None else cuts
-    return wait_until(lambda: (lambda o: o if o["valid"] else None)(cut(leader, cuts)),
-                      timeout=timeout, step=0.5, what="a valid checkpoint")
 
 
 def test_initial_sync_moves_only_non_zero_blocks(dsetup):

@@ -162,6 +162,13 @@ def cut(leader, cuts, **kw):
     return out
 
 
+def valid_cut(leader, cuts=None, timeout=60, what="a valid checkpoint"):
+    """Take checkpoints until one is valid (every barrier held, no sync running); that one."""
+    cuts = {} if cuts is None else cuts
+    return wait_until(lambda: (lambda o: o if o["valid"] else None)(cut(leader, cuts)),
+                      timeout=timeout, step=0.5, what=what)
+
+
 @pytest.mark.parametrize("setup", ["plain", "tls"], indirect=True)
 def test_images_equal_sources_at_random_checkpoints(setup):
     lab, rec, leader, vms = setup["lab"], setup["rec"], setup["leader"], setup["vms"]
@@ -235,8 +242,7 @@ def test_kill_protected_vra_mid_stream_bitmap_sync_converges(setup):
     assert other.call("GET", "/v1/status")["protected"]["vpgs"][VPG]
     workloads(lab, vms, "stop")
     # The sync runs by itself; checkpoints are refused (invalid) until it converged.
-    final = wait_until(lambda: (lambda o: o if o["valid"] else None)(cut(leader, cuts)),
-                       timeout=60, step=0.5, what="a valid checkpoint after the bitmap sync")
+    final = valid_cut(leader, cuts, timeout=60, what="a valid checkpoint after the bitmap sync")
     assert final["valid"]
     check_images(rec, {final["id"]: final["hashes"]}, vms)
 
@@ -257,8 +263,7 @@ def test_kill_host_process_mid_stream(setup):
     lab.restore_host("site-a-h1")                 # VMs come back, a new stream generation
     wait_until(lambda: set(before) <= set(recoverable(rec)), what="old checkpoints to stay")
     workloads(lab, vms, "stop")
-    final = wait_until(lambda: (lambda o: o if o["valid"] else None)(cut(leader, cuts)),
-                       timeout=60, step=0.5, what="a valid checkpoint after the host came back")
+    final = valid_cut(leader, cuts, timeout=60, what="a valid checkpoint after the host came back")
     assert before <= set(recoverable(rec)), "a recoverable checkpoint was lost"
     check_images(rec, {k: h for k, h in cuts.items() if k in before or k == final["id"]}, vms)
 
@@ -277,8 +282,7 @@ def test_link_cut_longer_than_the_buffer_ends_in_a_converging_bitmap_sync(setup)
     time.sleep(0.5)
     lab.link("site-a", "site-b", "restore")
     workloads(lab, vms, "stop")
-    final = wait_until(lambda: (lambda o: o if o["valid"] else None)(cut(leader, cuts)),
-                       timeout=90, step=0.5, what="a valid checkpoint after the bitmap sync")
+    final = valid_cut(leader, cuts, timeout=90, what="a valid checkpoint after the bitmap sync")
     assert sum(s["sync_blocks"] for s in stats().values()) > 0
     check_images(rec, {k: h for k, h in cuts.items() if k <= final["id"]}, vms)
 
@@ -330,6 +334,5 @@ def test_bandwidth_limit_holds_and_replication_catches_up(setup):
         p.call("PUT", "/v1/protected/bandwidth", json={"mbps": None})
     workloads(lab, vms, "stop")
     cuts = {}
-    final = wait_until(lambda: (lambda o: o if o["valid"] else None)(cut(leader, cuts)),
-                       timeout=90, step=0.5, what="a valid checkpoint once the limit is lifted")
+    final = valid_cut(leader, cuts, timeout=90, what="a valid checkpoint once the limit is lifted")
     check_images(rec, {final["id"]: final["hashes"]}, vms)
