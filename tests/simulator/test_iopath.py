@@ -1,5 +1,4 @@
 """The host IO path in-process: mirror stream, bitmap fallback, crash recovery."""
-import hashlib
 import os
 import random
 import threading
@@ -12,7 +11,6 @@ from simulator import ring as R
 from simulator.host import Host
 from simulator.iopath import sha256_file
 from simulator.mirror import MirrorClient, Replayer
-from simulator.workload import WorkloadSpec
 
 MiB = 1 << 20
 
@@ -58,6 +56,20 @@ def replica_paths(tmp_path, cfg):
     return [str(tmp_path / f"replica-{cfg['name']}-{d['index']}.img") for d in cfg["disks"]]
 
 
+def run_workloads(host, cfgs, spec, client, rep, timeout):
+    """Power the VMs on with ``spec`` while a thread replays the stream; return once the
+    workloads finished, with the replay thread still running (its stop event and thread)."""
+    for c in cfgs:
+        host.start_vm({**c, "workload": {"state": "running", "spec": spec}}, "power-on")
+    stop = threading.Event()
+    t = threading.Thread(target=lambda: [drain(client, rep, idle=0.3) for _ in iter(stop.is_set, True)])
+    t.start()
+    deadline = time.monotonic() + timeout
+    while any(w.state != "stopped" for w in host.workloads.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return stop, t
+
+
 @pytest.mark.parametrize("pattern,seed", [("random", 1), ("sequential", 2), ("hotspot", 3)])
 def test_replay_reproduces_source(tmp_path, host, pattern, seed):
     cfgs = [vm_cfg(tmp_path, f"vm{i}", disks=(16 * MiB, 8 * MiB)) for i in range(2)]
@@ -65,14 +77,7 @@ def test_replay_reproduces_source(tmp_path, host, pattern, seed):
     rep = Replayer({c["instance_uuid"]: replica_paths(tmp_path, c) for c in cfgs})
     spec = {"mbps": 0, "block_sizes": [4096, 65536, 1 << 20], "pattern": pattern, "seed": seed,
             "total_bytes": 24 * MiB}
-    for c in cfgs:
-        host.start_vm({**c, "workload": {"state": "running", "spec": spec}}, "power-on")
-    stop = threading.Event()
-    t = threading.Thread(target=lambda: [drain(client, rep, idle=0.3) for _ in iter(stop.is_set, True)])
-    t.start()
-    deadline = time.monotonic() + 60
-    while any(w.state != "stopped" for w in host.workloads.values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    stop, t = run_workloads(host, cfgs, spec, client, rep, timeout=60)
     # On a loaded machine the consumer may fall behind the unthrottled guests for more than
     # the 50 ms budget: those writes go to the bitmap, and the stream shows it as vm_seq gaps.
     # A bitmap sync through the ring then brings the replica up to date, in order.
@@ -233,14 +238,7 @@ def test_replay_4gib_disks_random_workload(tmp_path, host):
     rep = Replayer({c["instance_uuid"]: replica_paths(tmp_path, c) for c in cfgs})
     spec = {"mbps": 0, "block_sizes": [4096, 65536, 1 << 20], "pattern": "random", "seed": 5,
             "total_bytes": 512 * MiB}
-    for c in cfgs:
-        host.start_vm({**c, "workload": {"state": "running", "spec": spec}}, "power-on")
-    stop = threading.Event()
-    t = threading.Thread(target=lambda: [drain(client, rep, idle=0.3) for _ in iter(stop.is_set, True)])
-    t.start()
-    deadline = time.monotonic() + 300
-    while any(w.state != "stopped" for w in host.workloads.values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    stop, t = run_workloads(host, cfgs, spec, client, rep, timeout=300)
     stop.set()
     t.join(30)
     drain(client, rep, idle=0.3)
