@@ -1,0 +1,1 @@
+"""The ZVM: the per-site management server (REST API, store, hypervisor adapters)."""
