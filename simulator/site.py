@@ -222,7 +222,7 @@ class Site:
             self.save()
             return vm
 
-    def delete_vm(self, ref: str):
+    def delete_vm(self, ref: str, keep_disks: bool = False):
         with self.lock:
             vm = self.vm(ref)
             if vm["power_state"] == "poweredOn":
@@ -230,10 +230,31 @@ class Site:
             if self.vcenter:
                 self.vcenter.delete_vm(vm["name"])
             self.inv["vms"].remove(vm)
-            for d in vm["disks"]:
+            for d in [] if keep_disks else vm["disks"]:
                 for p in (d["path"], d["path"] + ".cbt"):
                     Path(p).unlink(missing_ok=True)
             self.save()
+
+    def set_nics(self, ref: str, nics: list) -> dict:
+        """Replace a VM's NICs: [{network, mac?, ip?}] (a missing MAC keeps the one at that index)."""
+        with self.lock:
+            vm = self.vm(ref)
+            nets = {n["name"] for n in self.inv["networks"]}
+            out = []
+            for i, nic in enumerate(nics):
+                if not isinstance(nic, dict) or nic.get("network") not in nets:
+                    raise NotFound(f"NIC {i}: {self.name} has no network "
+                                   f"{(nic or {}).get('network') if isinstance(nic, dict) else nic!r}")
+                old = vm["nics"][i] if i < len(vm["nics"]) else {}
+                mac = nic.get("mac") or old.get("mac") or "00:50:56:" + ":".join(
+                    hashlib.sha256(f"{vm['instance_uuid']}/nic{i}".encode()).hexdigest()[k:k + 2]
+                    for k in (0, 2, 4))
+                out.append({"index": i, "mac": mac.lower(), "ip": nic.get("ip"), "network": nic["network"]})
+            vm["nics"] = out
+            if self.vcenter:
+                self.vcenter.set_nics(self.inv, vm)
+            self.save()
+            return vm
 
     def rename_vm(self, ref: str, new: str):
         with self.lock:
@@ -448,6 +469,9 @@ class Site:
 
     def _on_vcenter(self, event: dict):
         """A change made through vCenter: apply it to the data path."""
+        if event.get("added") or event.get("removed"):   # VMs created or destroyed in vCenter
+            from .vcenter_adopt import apply_foreign
+            return apply_foreign(self, event)
         try:
             vm = self.vm(event["vm"])
             if event.get("host") and event["host"] != vm["host"]:

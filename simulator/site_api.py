@@ -108,8 +108,14 @@ def create_app(site: Site) -> Flask:
 
     @app.delete("/api/vms/<ref>")
     def delete_vm(ref):
-        site.delete_vm(ref)
+        site.delete_vm(ref, keep_disks=request.args.get("keep_disks") in ("1", "true"))
         return "", 204
+
+    @app.post("/api/vms/<ref>/nics")
+    def set_nics(ref):
+        from .model import public_vm
+        nics = field(body(), "nics", list)
+        return jsonify(public_vm(site.set_nics(ref, nics)))
 
     @app.post("/api/vms/<ref>/rename")
     def rename_vm(ref):
