@@ -55,6 +55,7 @@ class RecoveryImage:
         self.checkpoint = checkpoint
         self.capacity = d.capacity
         self.scratch_path = scratch_path
+        self.replica_path = d.path      # after commit, the disk's content lives here
         self._lock = threading.Lock()
         pos = checkpoint.pos
         if v.durable is None or pos > v.durable:

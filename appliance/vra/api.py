@@ -239,4 +239,93 @@ def create_app(vra: VRA) -> Flask:
             h.update(j.read(vpg, vm, disk, off, min(step, cap - off), cp))
         return jsonify({"sha256": h.hexdigest(), "checkpoint": k})
 
+    # -- recovery images (appliance/vra/images.py) ------------------------------------------
+    from appliance.dss import DSSError
+
+    from .images import ImageError
+
+    @app.errorhandler(ImageError)
+    def _image_error(exc):
+        title = {404: "NotFound", 409: "Conflict"}.get(exc.status, "BadRequest")
+        return problem(exc.status, title, str(exc))
+
+    def images():
+        need(vra.journal, "recovery")
+        return vra.images
+
+    def dss(fn, *args, **kw):
+        """A DSS refusal (unknown VPG or disk, busy, no longer recoverable) as a 4xx problem."""
+        try:
+            return fn(*args, **kw)
+        except DSSError as exc:
+            e = ImageError(str(exc))
+            e.status = exc.http_status if exc.http_status < 500 else 409
+            raise e from exc
+
+    def io_range() -> tuple[int, int | None]:
+        try:
+            offset = int(request.args["offset"])
+            length = int(request.args["length"]) if "length" in request.args else None
+        except (KeyError, ValueError) as exc:
+            raise APIError(f"image IO takes offset (and length for reads) as integers: {exc}") from exc
+        return offset, length
+
+    @app.post("/v1/recovery/vpgs/<vpg>/images")
+    def open_images(vpg):
+        b = body()
+        try:
+            k = int(b["checkpoint"])
+            vms = None if b.get("vms") is None else [str(v) for v in b["vms"]]
+            scratch = None if b.get("scratch_dir") is None else str(b["scratch_dir"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise APIError(f"images take checkpoint (an id), scratch_dir? and vms?: {exc}") from exc
+        return jsonify(dss(images().open, vpg, k, scratch, vms)), 201
+
+    @app.get("/v1/recovery/images")
+    def list_images():
+        return jsonify(images().list())
+
+    @app.get("/v1/recovery/images/<sid>")
+    def get_image(sid):
+        return jsonify(images().get(sid))
+
+    @app.delete("/v1/recovery/images/<sid>")
+    def discard_image(sid):
+        dss(images().discard, sid)
+        return "", 204
+
+    @app.post("/v1/recovery/images/<sid>/commit")
+    def commit_image(sid):
+        return jsonify(dss(images().commit, sid))
+
+    @app.get("/v1/recovery/images/<sid>/disks/<vm>/<int:disk>")
+    def read_image(sid, vm, disk):
+        import xxhash
+        offset, length = io_range()
+        if length is None:
+            raise APIError("reads take offset and length")
+        data = dss(images().read, sid, vm, disk, offset, length)
+        return data, 200, {"Content-Type": "application/octet-stream",
+                           "X-Tidemark-XXH3": xxhash.xxh3_64_hexdigest(data)}
+
+    @app.put("/v1/recovery/images/<sid>/disks/<vm>/<int:disk>")
+    def write_image(sid, vm, disk):
+        import xxhash
+        from .images import MAX_IO
+        offset, length = io_range()
+        if (request.content_length or 0) > MAX_IO:
+            raise APIError(f"at most {MAX_IO} bytes per write")
+        data = request.get_data(cache=False)
+        if length is not None and length != len(data):
+            raise APIError(f"length {length} but {len(data)} bytes sent")
+        want = request.headers.get("X-Tidemark-XXH3")
+        if want is not None and want != xxhash.xxh3_64_hexdigest(data):
+            raise APIError("the body does not match its X-Tidemark-XXH3 checksum: send it again")
+        dss(images().write, sid, vm, disk, offset, data)
+        return "", 204
+
+    @app.get("/v1/recovery/images/<sid>/disks/<vm>/<int:disk>/hash")
+    def image_disk_hash(sid, vm, disk):
+        return jsonify({"sha256": dss(images().sha256, sid, vm, disk)})
+
     return app

@@ -48,11 +48,17 @@ class VRA:
                                        tls=client_tls) if cfg.doorbell else None
         self.journal = None
         self.receiver = None
+        self.images = None
         if cfg.journal_path:
             from appliance.dss import Journal
             self.journal = Journal(cfg.journal_path, sync=cfg.journal_sync)
             self.receiver = Receiver(self.journal, cfg.token, cfg.listen_host, cfg.replication_port,
                                      tls=server_tls)
+            # recovery images: opened again (pinning their checkpoints) before anything is journaled
+            from .images import ImageRegistry
+            self.images = ImageRegistry(self.journal, str(Path(cfg.state_dir) / "images" if cfg.state_dir
+                                                          else Path(cfg.journal_path + ".images")))
+            self.images.resume()
         self.coordinators = {}
         self._stop = threading.Event()
         self.syncs = 0
@@ -323,6 +329,8 @@ class VRA:
             self.protected.stop()
         if self.receiver:
             self.receiver.stop()
+        if self.images:
+            self.images.close()
         if self.journal:
             self.journal.close()
 
