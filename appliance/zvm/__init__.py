@@ -1,1 +1,1 @@
-"""The ZVM: the per-site management server (REST API, store, hypervisor adapters)."""
+"""ZVM: the management server of a site (docs/zvm.md)."""

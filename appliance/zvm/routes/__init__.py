@@ -1,0 +1,1 @@
+"""The ZVM API views, one module per area; each has ``register(api, zvm)``."""
