@@ -85,9 +85,15 @@ def register(api, zvm):
     def delete_user(req, userName):
         zvm.auth.delete_user(userName)
 
+    def client_doc(c: dict) -> dict:
+        out = {"clientId": c["client_id"], "role": c["role"], "description": c["description"]}
+        if "client_secret" in c:
+            out["clientSecret"] = c["client_secret"]
+        return out
+
     @api.route("GET", "/v1/clients", "API clients", role="admin", response="[Client]")
     def clients(req):
-        return zvm.auth.clients()
+        return [client_doc(c) for c in zvm.auth.clients()]
 
     @api.route("POST", "/v1/clients", "Create an API client (the secret is shown once)",
                role="admin", body="ClientCreate", status=201)
@@ -96,7 +102,7 @@ def register(api, zvm):
         out = zvm.auth.add_client(b["role"], b.get("description") or "", b.get("clientId"))
         zvm.events.record("ClientAdded", f"API client {out['client_id']} ({b['role']}) created",
                           user=req.user)
-        return out
+        return client_doc(out)
 
     @api.route("DELETE", "/v1/clients/{clientId}", "Delete an API client", role="admin")
     def delete_client(req, clientId):
