@@ -36,6 +36,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -51,6 +52,16 @@ PC = vmodl.query.PropertyCollector
 VCSIM_DIR = ".vcsim"            # per-datastore directory holding vcsim's own VM files
 ISOLATED_VSWITCH = "vSwitch-isolated"
 TASK_TIMEOUT = 60.0
+
+
+def _extra(vm: dict) -> dict:
+    """extraConfig the ZVM's vSphere adapter reads: appliance image, NICs' re-IP addresses
+    (keys as in appliance/zvm/hypervisor/vsphere_specs.py; OVF properties stay out: secrets)."""
+    out = {f"guestinfo.tidemark.nic{i}.ip": n["ip"] for i, n in enumerate(vm.get("nics", []))
+           if n.get("ip")}
+    if vm.get("image"):
+        out["tidemark.image"] = vm["image"]
+    return out
 
 
 def _wait(task, timeout: float = TASK_TIMEOUT):
@@ -84,6 +95,7 @@ class VCenterMirror(VCenterWatch):
         self.si = SmartConnect(**self._connect)
         self.content = self.si.RetrieveContent()
         self._lock = threading.RLock()
+        self._adopt: dict[str, str] = {}   # VM name -> moid of a vCenter-made VM being adopted
         self._init_watch()
 
     def close(self) -> None:
@@ -189,9 +201,26 @@ class VCenterMirror(VCenterWatch):
                 name=net["name"], vlanId=0, vswitchName=vswitch, policy=vim.host.NetworkPolicy()))
 
     # --------------------------------------------------------------------- VMs
+    @contextmanager
+    def adopting(self, name: str, moid: str):
+        """While inside, ``create_vm`` of a VM named ``name`` takes the existing vcsim VM
+        ``moid`` (created through vCenter by someone else) instead of creating one."""
+        with self._lock:
+            self._adopt[name] = moid
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._adopt.pop(name, None)
+
     def create_vm(self, site_inventory: dict, vm: dict) -> vim.VirtualMachine:
         """Create ``vm`` (an inventory VM dict) on its host, then set its power state."""
         with self._lock:
+            if vm["name"] in self._adopt:
+                obj = vim.VirtualMachine(self._adopt[vm["name"]], self.si._stub)
+                with self._changing(obj, (vm["name"], vm["host"], str(obj.runtime.powerState))):
+                    pass
+                return obj
             dc = self._datacenter(site_inventory["datacenter"])
             ds_paths = {d["name"]: Path(d["path"]).resolve() for d in site_inventory["datastores"]}
             host = self._host(vm["host"])
@@ -208,7 +237,8 @@ class VCenterMirror(VCenterWatch):
                 name=vm["name"], instanceUuid=vm.get("instance_uuid"), uuid=vm.get("bios_uuid"),
                 numCPUs=vm.get("vcpus", 1), memoryMB=vm.get("memory_mib", 512),
                 guestId="otherGuest64", files=vim.vm.FileInfo(vmPathName=vmx),
-                deviceChange=self._devices(vm, ds_paths, key, {n.name: n for n in dc.network}))
+                deviceChange=self._devices(vm, ds_paths, key, {n.name: n for n in dc.network}),
+                extraConfig=[vim.option.OptionValue(key=k, value=v) for k, v in _extra(vm).items()])
             power = vm.get("power_state", "poweredOff")
             with self._changing(None, (vm["name"], vm["host"], power)) as created:
                 created["vm"] = obj = _wait(dc.vmFolder.CreateVM_Task(
@@ -267,7 +297,9 @@ class VCenterMirror(VCenterWatch):
         VM's own .vcsim directory.
         """
         with self._lock:
-            vm = self._vm(name)
+            vm = self._by_name(vim.VirtualMachine, name, required=False)
+            if vm is None:   # destroyed through vCenter already
+                return
             self._set_power(vm, "poweredOff")
             site_disks = [d for d in vm.config.hardware.device
                           if isinstance(d, vim.vm.device.VirtualDisk)
@@ -279,6 +311,35 @@ class VCenterMirror(VCenterWatch):
                     for d in site_disks])))
             with self._changing(vm, None):
                 _wait(vm.Destroy_Task())
+
+    def set_nics(self, site_inventory: dict, vm: dict) -> None:
+        """Make the VM's cards match ``vm["nics"]`` (network, MAC) and its re-IP extraConfig."""
+        with self._lock:
+            obj = self._vm(vm["name"])
+            dc = self._datacenter(site_inventory["datacenter"])
+            nets = {n.name: n for n in dc.network}
+            cards = [d for d in obj.config.hardware.device
+                     if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+            op = vim.vm.device.VirtualDeviceSpec.Operation
+            changes = []
+            for i, nic in enumerate(vm["nics"]):
+                if nic["network"] not in nets:
+                    raise LookupError(f"network {nic['network']!r} not in vcsim")
+                dev = cards[i] if i < len(cards) else vim.vm.device.VirtualVmxnet3(
+                    key=-(2000 + i), connectable=vim.vm.device.VirtualDevice.ConnectInfo(
+                        startConnected=True, connected=True, allowGuestControl=True))
+                dev.addressType, dev.macAddress = "manual", nic["mac"]
+                dev.backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
+                    deviceName=nic["network"], network=nets[nic["network"]])
+                changes.append(vim.vm.device.VirtualDeviceSpec(
+                    operation=op.edit if i < len(cards) else op.add, device=dev))
+            changes += [vim.vm.device.VirtualDeviceSpec(operation=op.remove, device=d)
+                        for d in cards[len(vm["nics"]):]]
+            extra = {**{f"guestinfo.tidemark.nic{i}.ip": "" for i in range(len(cards))}, **_extra(vm)}
+            extra.pop("tidemark.image", None)
+            with self._changing(obj, (obj.name, obj.runtime.host.name, str(obj.runtime.powerState))):
+                _wait(obj.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=changes, extraConfig=[
+                    vim.option.OptionValue(key=k, value=v) for k, v in extra.items()])))
 
     def rename_vm(self, old: str, new: str) -> None:
         """Rename a VM (vcsim keeps its files where they are)."""

@@ -13,6 +13,7 @@ final, so comparing net states is also what copes with that.)
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -64,7 +65,8 @@ class VCenterWatch:
                         self._done[moid] = time.monotonic()
 
     def _judge(self, moid: str, state: tuple, asked_at: float, baseline: bool) -> str:
-        """"wait" (our operation may still echo), "same" or "report" (belief updated)."""
+        """"wait" (our operation may still echo), "same", "report" or "added" (a VM
+        someone else created; belief updated)."""
         with self._exp_lock:
             if moid in self._busy or f"new:{state[0]}" in self._busy \
                     or self._done.get(moid, float("-inf")) >= asked_at:
@@ -72,8 +74,16 @@ class VCenterWatch:
             if baseline or self._believed.get(moid) == state:
                 self._believed[moid] = state
                 return "same"
+            verdict = "report" if moid in self._believed else "added"
             self._believed[moid] = state
-            return "report"
+            return verdict
+
+    def _judge_gone(self, moid: str, asked_at: float) -> str:
+        """For a VM that left vcsim: "wait", "same" (our own delete) or "report"."""
+        with self._exp_lock:
+            if moid in self._busy or self._done.get(moid, float("-inf")) >= asked_at:
+                return "wait"
+            return "report" if self._believed.pop(moid, None) is not None else "same"
 
     def watch(self, callback, stop_event: threading.Event) -> None:
         """Report VM changes others make in vcsim until ``stop_event`` is set.
@@ -85,7 +95,10 @@ class VCenterWatch:
         runtime.powerState of a VM ends up different from what the site
         believes, it calls ``callback({"vm", "host", "power_state"})`` (net
         state: a change undone within one batch is not reported). The state
-        at start is the baseline; VM removals are not reported. Use one
+        at start is the baseline. A VM someone else created is reported as
+        ``{"vm", "host", "power_state", "moid", "added": describe(...)}`` and one
+        someone else destroyed as ``{"vm", "moid", "removed": True}``; the
+        mirror's own creates and deletes are not reported. Use one
         watcher per mirror. Connection errors end the loop silently once
         ``stop_event`` is set and are raised otherwise; exceptions from
         ``callback`` are logged.
@@ -121,19 +134,32 @@ class VCenterWatch:
                             pending.add(ou.obj._moId)
                 for moid in sorted(pending):
                     cur = known.get(moid)
-                    if cur is None:  # left
+                    if cur is None:
                         pending.discard(moid)
+                        continue
+                    if cur.get("gone"):
+                        verdict = self._judge_gone(moid, asked_at)
+                        if verdict == "wait":
+                            continue
+                        pending.discard(moid)
+                        known.pop(moid, None)
+                        if verdict == "report":
+                            self._report(callback, {"vm": cur.get("vm"), "moid": moid, "removed": True})
                         continue
                     state = (cur.get("vm"), cur.get("host"), cur.get("power_state"))
                     verdict = self._judge(moid, state, asked_at, baseline)
                     if verdict == "wait":
                         continue
                     pending.discard(moid)
-                    if verdict == "report":
+                    event = {"vm": state[0], "host": state[1], "power_state": state[2]}
+                    if verdict == "added":
                         try:
-                            callback({"vm": state[0], "host": state[1], "power_state": state[2]})
-                        except Exception:
-                            log.exception("vcenter watch callback failed for %s", state[0])
+                            event.update(moid=moid, added=describe(si, moid))
+                        except Exception as exc:   # gone again already: its leave follows
+                            log.warning("could not read new vCenter VM %s: %s", state[0], exc)
+                            continue
+                    if verdict in ("report", "added"):
+                        self._report(callback, event)
                 baseline = False
         finally:
             try:
@@ -141,13 +167,19 @@ class VCenterWatch:
             except Exception:  # vcsim may already be gone
                 pass
 
+    @staticmethod
+    def _report(callback, event: dict) -> None:
+        try:
+            callback(event)
+        except Exception:   # the event may hold OVF properties (secrets): log the name only
+            log.exception("vcenter watch callback failed for %s", event.get("vm"))
+
     def _fold(self, si, ou, known: dict, host_names: dict) -> None:
-        """Apply one ObjectUpdate to ``known``."""
+        """Apply one ObjectUpdate to ``known`` (a VM that left stays, marked gone, until judged)."""
         moid = ou.obj._moId
         if ou.kind == "leave":
-            known.pop(moid, None)
-            with self._exp_lock:
-                self._believed.pop(moid, None)
+            if moid in known:
+                known[moid]["gone"] = True
             return
         cur = known.setdefault(moid, {})
         for change in ou.changeSet:
@@ -160,3 +192,33 @@ class VCenterWatch:
                 cur["power_state"] = str(change.val)
             elif change.name == "name":
                 cur["vm"] = change.val
+
+
+def describe(si, moid: str) -> dict:
+    """What the site needs to adopt a VM created through vCenter: its config, disks (backing
+    files, recovery images from extraConfig ``tidemark.disk<N>.image``), NICs (re-IP from
+    ``guestinfo.tidemark.nic<N>.ip``), appliance image and OVF properties (``tidemark.image``,
+    ``tidemark.ovf.<key>``)."""
+    cfg = vim.VirtualMachine(moid, si._stub).config
+    extra: dict[str, str] = {}
+    for opt in cfg.extraConfig or []:
+        extra[opt.key] = opt.value
+    extra = {k: v for k, v in extra.items() if v not in ("", None)}
+    devices = cfg.hardware.device or []
+    disks = sorted((d for d in devices if isinstance(d, vim.vm.device.VirtualDisk)),
+                   key=lambda d: (d.controllerKey, d.unitNumber or 0))
+    cards = [d for d in devices if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+    return {
+        "instance_uuid": cfg.instanceUuid, "bios_uuid": cfg.uuid,
+        "vcpus": cfg.hardware.numCPU, "memory_mib": cfg.hardware.memoryMB,
+        "datastore": cfg.files.vmPathName.split("]")[0].lstrip("["),
+        "disks": [{"capacity_bytes": d.capacityInBytes or d.capacityInKB * 1024,
+                   "file": getattr(d.backing, "fileName", None),
+                   "image": json.loads(extra[f"tidemark.disk{i}.image"])
+                   if f"tidemark.disk{i}.image" in extra else None} for i, d in enumerate(disks)],
+        "nics": [{"network": getattr(d.backing, "deviceName", None), "mac": d.macAddress,
+                  "ip": extra.get(f"guestinfo.tidemark.nic{i}.ip")} for i, d in enumerate(cards)],
+        "image": extra.get("tidemark.image"),
+        "properties": {k[len("tidemark.ovf."):]: v for k, v in extra.items()
+                       if k.startswith("tidemark.ovf.")},
+    }
