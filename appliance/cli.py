@@ -12,7 +12,13 @@ def main():
     """Tidemark: continuous data protection and disaster recovery."""
 
 
+def _zvm_commands():
+    from appliance.zvmcli import register
+    register(main)
+
+
 main.add_command(lab)
+_zvm_commands()
 
 
 @main.group()

@@ -65,6 +65,27 @@ def test_init_and_serve_over_https(tmp_path):
         site = requests.get(url + "/v1/localsite", headers=h, verify=cert, timeout=10).json()
         assert site["SiteName"] == "site-x"
         assert requests.get(url + "/v1/localsite", verify=cert, timeout=10).status_code == 401
+        # the CLI speaks to it, with the certificate file or by fingerprint
+        tm = [sys.executable, "-m", "appliance.cli"]
+        conn = ["--zvm", url, "--client-id", client["client_id"], "--client-secret",
+                client["client_secret"]]
+        r = subprocess.run(tm + ["site", "show", *conn, "--ca-cert", cert, "--json"], env=env,
+                           capture_output=True, timeout=60, text=True)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["SiteName"] == "site-x"
+        r = subprocess.run(tm + ["api", "call", "GET", "/v1/zvm/status", *conn, "--fingerprint",
+                                 out["fingerprint"]], env=env, capture_output=True, timeout=60,
+                           text=True)
+        assert r.returncode == 0 and json.loads(r.stdout)["SiteName"] == "site-x", r.stderr
+        r = subprocess.run(tm + ["site", "show", *conn, "--fingerprint", "AA:BB"], env=env,
+                           capture_output=True, timeout=60, text=True)
+        assert r.returncode == 3 and "fingerprint" in r.stderr
+        r = subprocess.run(tm + ["tasks", "list", *conn, "--ca-cert", cert], env=env,
+                           capture_output=True, timeout=60, text=True)
+        assert r.returncode == 0 and r.stdout.split()[:2] == ["task", "type"], r.stdout
+        r = subprocess.run(tm + ["vpgs", "show", "nope", *conn, "--ca-cert", cert], env=env,
+                           capture_output=True, timeout=60, text=True)
+        assert r.returncode in (4, 2), r.stderr       # no such VPG (or no VPG routes yet)
         text = log.name and Path(log.name).read_text(errors="replace")
         assert client["client_secret"] not in text and "first-admin-pw" not in text
     finally:
