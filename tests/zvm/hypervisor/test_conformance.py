@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from appliance.zvm.hypervisor import (Change, DiskSpec, Hypervisor, InvalidSpec, NicSpec, NotFound,
-                                      VMSpec, connect)
+from appliance.zvm.hypervisor import (AuthenticationFailed, Change, DiskSpec, Hypervisor, InvalidSpec,
+                                      NicSpec, NotFound, Unreachable, VMSpec, connect)
 from simulator.lab import Lab
 from waiting import wait_until
 
@@ -31,6 +31,7 @@ class Env:
     backend: str        # sim-vsphere | sim-hyperv | vcsim
     lab: Lab
     hv: Hypervisor
+    settings: dict      # what connect() was given
 
     def sim(self, path: str, method: str = "GET", **kw):
         return self.lab.api("site-a", method, path, **kw)
@@ -63,11 +64,13 @@ def env(request, tmp_path_factory):
         st = lab.status()["sites"][0]
         if backend == "vcsim":
             hostport = st["vcenter_url"].split("//")[1].split("/")[0]
-            hv = connect("vsphere", host=hostport.split(":")[0], port=int(hostport.split(":")[1]),
-                         user="user", password="pass", protocol="http")
+            settings = dict(host=hostport.split(":")[0], port=int(hostport.split(":")[1]),
+                            user="user", password="pass", protocol="http")
+            hv = connect("vsphere", **settings)
         else:
-            hv = connect("simulator", url=st["simulator_url"])
-        yield Env(backend, lab, hv)
+            settings = dict(url=st["simulator_url"])
+            hv = connect("simulator", **settings)
+        yield Env(backend, lab, hv, settings)
     finally:
         if hv is not None:
             hv.close()
@@ -146,6 +149,26 @@ def test_unknown_objects_raise_not_found(env):
     with pytest.raises(InvalidSpec):
         hv.create_vm(VMSpec(name="bad", host_id=vm.host_id, datastore_id=vm.disks[0].datastore_id,
                             disks=[DiskSpec(capacity_bytes=1000)]))
+
+
+def test_unreachable_manager_and_bad_login(env, caplog):
+    import socket
+    with socket.socket() as s:      # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kind = "vsphere" if env.backend == "vcsim" else "simulator"
+    with pytest.raises(Unreachable) as exc:
+        if kind == "vsphere":
+            connect(kind, **{**env.settings, "port": port})
+        else:
+            connect(kind, url=f"http://127.0.0.1:{port}").hosts()
+    assert str(port) in str(exc.value)
+    if kind == "vsphere":
+        with caplog.at_level("DEBUG"), pytest.raises(AuthenticationFailed) as exc:
+            connect(kind, **{**env.settings, "password": "wrong-s3cret"})
+        assert "wrong-s3cret" not in str(exc.value) + caplog.text
+    with pytest.raises(InvalidSpec):
+        connect("scvmm-direct")
 
 
 def test_power_off_and_on(env):
