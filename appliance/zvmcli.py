@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from appliance.zvm.client import ZVMClient
+from appliance.zvm.client import ZVMClient, create_vpg, native_id, site_id
 from appliance.zvm.errors import BadRequest, NotFound, ZVMError
 
 COMMIT_POLICIES = {"rollback": 0, "commit": 1, "none": 2}
@@ -151,19 +151,7 @@ def checkpoint_id(ctx: Ctx, vpg: str, ref: str | None) -> str | None:
 
 
 def _site_ref(ctx: Ctx, ref: str | None) -> str:
-    if ref is None:
-        return ctx.client.get("/v1/localsite")["SiteIdentifier"]
-    for s in ctx.client.get("/v1/virtualizationsites"):
-        if ref in (s["SiteIdentifier"], s.get("VirtualizationSiteName")):
-            return s["SiteIdentifier"]
-    raise NotFound(f"no site {ref}")
-
-
-def _native(ctx: Ctx, site: str, kind: str, ref: str, id_key: str, name_key: str) -> str:
-    for x in ctx.client.get(f"/v1/virtualizationsites/{site}/{kind}"):
-        if ref in (x.get(id_key), x.get(name_key)):
-            return x[id_key]
-    raise NotFound(f"no {kind[:-1]} {ref} at site {site}")
+    return site_id(ctx.client, ref)
 
 
 # ---------------------------------------------------------------- commands
@@ -286,12 +274,9 @@ def register(main: click.Group) -> None:
     def vras_install(ctx, host, datastore, network, memory_gb, wait):
         """Install a VRA on HOST (name or identifier)."""
         site = _site_ref(ctx, None)
-        body = {"HostIdentifier": _native(ctx, site, "hosts", host, "HostIdentifier",
-                                          "VirtualizationHostName"),
-                "DatastoreIdentifier": _native(ctx, site, "datastores", datastore,
-                                               "DatastoreIdentifier", "DatastoreName"),
-                "NetworkIdentifier": _native(ctx, site, "networks", network, "NetworkIdentifier",
-                                             "VirtualizationNetworkName"),
+        body = {"HostIdentifier": native_id(ctx.client, site, "hosts", host),
+                "DatastoreIdentifier": native_id(ctx.client, site, "datastores", datastore),
+                "NetworkIdentifier": native_id(ctx.client, site, "networks", network),
                 "MemoryInGb": memory_gb}
         follow(ctx, ctx.client.post("/v1/vras", body), f"installing VRA on {host}", wait)
 
@@ -347,28 +332,10 @@ def register(main: click.Group) -> None:
     def vpgs_create(ctx, name, vms, recovery_site, host, datastore, network, test_network, rpo,
                     history_hours, priority, compression, wait):
         """Create VPG NAME protecting the given VMs to the recovery site."""
-        local = _site_ref(ctx, None)
-        rsite = _site_ref(ctx, recovery_site)
-        settings = {
-            "Basic": {"Name": name, "VpgType": "Remote", "RpoInSeconds": rpo,
-                      "JournalHistoryInHours": history_hours, "Priority": priority,
-                      "UseWanCompression": compression, "ProtectedSiteIdentifier": local,
-                      "RecoverySiteIdentifier": rsite},
-            "Recovery": {"DefaultHostIdentifier": _native(ctx, rsite, "hosts", host,
-                                                          "HostIdentifier", "VirtualizationHostName"),
-                         "DefaultDatastoreIdentifier": _native(ctx, rsite, "datastores", datastore,
-                                                               "DatastoreIdentifier", "DatastoreName")},
-            "Networks": {
-                "Failover": {"Hypervisor": {"DefaultNetworkIdentifier": _native(
-                    ctx, rsite, "networks", network, "NetworkIdentifier", "VirtualizationNetworkName")}},
-                "FailoverTest": {"Hypervisor": {"DefaultNetworkIdentifier": _native(
-                    ctx, rsite, "networks", test_network, "NetworkIdentifier",
-                    "VirtualizationNetworkName")}}},
-            "Vms": [{"VmIdentifier": _native(ctx, local, "vms", v, "VmIdentifier", "VmName")}
-                    for v in vms],
-        }
-        sid = ctx.client.post("/v1/vpgSettings", settings)
-        follow(ctx, ctx.client.post(f"/v1/vpgSettings/{sid}/commit"), f"creating {name}", wait)
+        tid = create_vpg(ctx.client, name, list(vms), recovery_site, host, datastore, network,
+                         test_network, rpo_s=rpo, history_hours=history_hours, priority=priority,
+                         compression=compression)
+        follow(ctx, tid, f"creating {name}", wait)
 
     @vpgs.command("delete")
     @click.argument("vpg")

@@ -20,7 +20,8 @@ def _fail(exc: Exception):
 def _summary(st: dict):
     for s in st["sites"]:
         click.echo(f"{s['name']} ({s['kind']}, {s['state']})  simulator {s['simulator_url']}"
-                   + (f"  vcenter {s['vcenter_url']}" if s["vcenter_url"] else ""))
+                   + (f"  vcenter {s['vcenter_url']}" if s["vcenter_url"] else "")
+                   + (f"  zvm {s['zvm_url']}" if s.get("zvm_url") else ""))
         for h in s["hosts"]:
             vms = [v for v in s["vms"] if v["host"] == h["name"]]
             click.echo(f"  host {h['name']:<14} {h['state']:<12} pid {h['pid']}")
@@ -44,12 +45,16 @@ def lab():
 @click.option("--vcenter", type=click.Choice(["sim", "vcsim"]), default="sim", show_default=True,
               help="vcsim: serve each vSphere-style site through govmomi's vCenter simulator")
 @click.option("--hyperv-site", is_flag=True, help="make the last site Hyper-V style (SCVMM)")
+@click.option("--zvm/--no-zvm", default=True, show_default=True,
+              help="a ZVM per site, VRAs on every host, the sites paired")
+@click.option("--protect/--no-protect", default=True, show_default=True,
+              help="with --zvm: a VPG protecting the first site's VMs to the second")
 @click.option("--json", "as_json", is_flag=True)
-def up(directory, sites, hosts, vms, disk_mib, vcenter, hyperv_site, as_json):
+def up(directory, sites, hosts, vms, disk_mib, vcenter, hyperv_site, zvm, protect, as_json):
     """Start the lab in the background and wait until it is ready."""
     try:
         st = Lab(directory).up(sites=sites, hosts=hosts, vms=vms, disk_mib=disk_mib,
-                               vcenter=vcenter, hyperv_site=hyperv_site)
+                               vcenter=vcenter, hyperv_site=hyperv_site, zvm=zvm, protect=protect)
     except LabError as exc:
         _fail(exc)
     if as_json:
@@ -57,6 +62,10 @@ def up(directory, sites, hosts, vms, disk_mib, vcenter, hyperv_site, as_json):
         return
     click.echo(f"Tidemark lab running in {st['dir']}")
     _summary(st)
+    if st.get("zvm"):
+        click.echo(f"ZVM user {st['zvm']['admin_user']}, password and API client in "
+                   f"{st['dir']}/zvm/credentials.json (tidemark lab status --json shows them)")
+        click.echo(f"Try: tidemark vpgs list --lab {st['dir']}")
     click.echo("Next: tidemark lab status | tidemark lab vmotion VM HOST | tidemark lab down")
 
 

@@ -41,7 +41,10 @@ class Lab:
     # -- up ------------------------------------------------------------------------------
     def up(self, sites: int = 2, hosts: int = 2, vms: int = 4, disk_mib: int = 256,
            vcenter: str = "sim", hyperv_site: bool = False, workload: dict | None | bool = None,
-           ring_mib: int = 64, timeout: float = 120) -> dict:
+           ring_mib: int = 64, timeout: float = 120, zvm: bool = False,
+           protect: bool = True) -> dict:
+        """Start the sites (and with ``zvm``, a ZVM per site, VRAs on every host, the sites paired
+        and, with ``protect``, a VPG of the first site's VMs to the second: simulator/labzvm.py)."""
         if self.running():
             return self.status()
         if vcenter not in ("sim", "vcsim"):
@@ -94,6 +97,15 @@ class Lab:
         except (TimeoutError, RuntimeError) as exc:
             self.down()
             raise LabError(f"the lab did not start: {exc}; see {self.dir}/*/controller.log") from exc
+        if zvm:
+            from . import labzvm
+            from appliance.zvm.errors import ZVMError
+            try:
+                labzvm.up(self, self.status(), protect_vms=protect)
+            except (TimeoutError, RuntimeError, ZVMError, OSError) as exc:
+                self.down()
+                raise LabError(f"the lab's ZVMs did not come up: {exc}; "
+                               f"see {self.dir}/zvm/*/zvm.log") from exc
         return self.status()
 
     @staticmethod
@@ -158,8 +170,15 @@ class Lab:
                                            "disks": v["disks"],
                                            "workload": (v.get("workload") or {}).get("state", "stopped")}
                                           for v in st["vms"]]})
+            if read_pidfile(self.dir / "pids" / f"zvm-{s['name']}.pid") is not None:
+                from .labzvm import status_fields
+                entry.update(status_fields(self.dir, s["name"]))
             sites.append(entry)
-        return {"dir": str(self.dir), "running": any(s["simulator_url"] for s in sites), "sites": sites}
+        out = {"dir": str(self.dir), "running": any(s["simulator_url"] for s in sites), "sites": sites}
+        if any(s["zvm_url"] for s in sites):
+            from .labzvm import credentials
+            out["zvm"] = credentials(self.dir)
+        return out
 
     # -- down --------------------------------------------------------------------------------------
     def down(self, timeout: float = 30) -> list[int]:

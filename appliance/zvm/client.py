@@ -134,6 +134,57 @@ class ZVMClient:
             time.sleep(0.5)
 
 
+def site_id(client: ZVMClient, ref: str | None) -> str:
+    """A virtualization site's identifier by name or identifier (None: the local site)."""
+    if ref is None:
+        return client.get("/v1/localsite")["SiteIdentifier"]
+    for s in client.get("/v1/virtualizationsites"):
+        if ref in (s["SiteIdentifier"], s.get("VirtualizationSiteName")):
+            return s["SiteIdentifier"]
+    raise NotFound(f"no site {ref}")
+
+
+_NATIVE = {"hosts": ("HostIdentifier", "VirtualizationHostName"),
+           "vms": ("VmIdentifier", "VmName"),
+           "datastores": ("DatastoreIdentifier", "DatastoreName"),
+           "networks": ("NetworkIdentifier", "VirtualizationNetworkName"),
+           "folders": ("FolderIdentifier", "FolderName"),
+           "resourcepools": ("ResourcePoolIdentifier", "ResourcepoolName")}
+
+
+def native_id(client: ZVMClient, site: str, kind: str, ref: str) -> str:
+    """An inventory object's identifier at a site, by name or identifier."""
+    id_key, name_key = _NATIVE[kind]
+    for x in client.get(f"/v1/virtualizationsites/{site}/{kind}"):
+        if ref in (x.get(id_key), x.get(name_key)):
+            return x[id_key]
+    raise NotFound(f"no {kind[:-1]} {ref} at site {site}")
+
+
+def create_vpg(client: ZVMClient, name: str, vms: list[str], recovery_site: str, host: str,
+               datastore: str, network: str, test_network: str, *, rpo_s: int = 300,
+               history_hours: int = 4, priority: str = "Medium", compression: bool = True) -> str:
+    """Create a VPG through the vpgSettings flow; names or identifiers; answers the commit task."""
+    local = site_id(client, None)
+    rsite = site_id(client, recovery_site)
+    settings = {
+        "Basic": {"Name": name, "VpgType": "Remote", "RpoInSeconds": rpo_s,
+                  "JournalHistoryInHours": history_hours, "Priority": priority,
+                  "UseWanCompression": compression, "ProtectedSiteIdentifier": local,
+                  "RecoverySiteIdentifier": rsite},
+        "Recovery": {"DefaultHostIdentifier": native_id(client, rsite, "hosts", host),
+                     "DefaultDatastoreIdentifier": native_id(client, rsite, "datastores", datastore)},
+        "Networks": {
+            "Failover": {"Hypervisor": {
+                "DefaultNetworkIdentifier": native_id(client, rsite, "networks", network)}},
+            "FailoverTest": {"Hypervisor": {
+                "DefaultNetworkIdentifier": native_id(client, rsite, "networks", test_network)}}},
+        "Vms": [{"VmIdentifier": native_id(client, local, "vms", v)} for v in vms],
+    }
+    sid = client.post("/v1/vpgSettings", settings)
+    return client.post(f"/v1/vpgSettings/{sid}/commit")
+
+
 def _raise_for(r: requests.Response) -> None:
     if r.status_code < 400:
         return

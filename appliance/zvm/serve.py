@@ -68,8 +68,9 @@ def fingerprint(cert_path: Path) -> str:
 
 
 def init(cfg: ZVMConfig, admin_user: str = "admin", admin_password: str | None = None,
-         client: bool = False) -> dict:
-    """Idempotent install: what exists is kept; returns what a user needs to log in."""
+         client: bool | dict = False) -> dict:
+    """Idempotent install: what exists is kept; returns what a user needs to log in.
+    ``client``: create an admin API client (a dict may give its client_id and client_secret)."""
     from .auth import Auth
     from .errors import Conflict
     from .store import Store
@@ -90,8 +91,11 @@ def init(cfg: ZVMConfig, admin_user: str = "admin", admin_password: str | None =
     out.update(admin_user=admin_user, admin_password_file=str(pw_file))
     client_file = data / "api-client.json"
     if client and not client_file.exists():
+        given = client if isinstance(client, dict) else {}
         try:
-            c = auth.add_client("admin", "created at install", client_id="tidemark-admin")
+            c = auth.add_client("admin", "created at install",
+                                client_id=given.get("client_id", "tidemark-admin"),
+                                secret=given.get("client_secret"))
         except Conflict:
             c = None
         if c:

@@ -205,7 +205,8 @@ def test_lab_cli_up_status_down_leaves_no_process(tmp_path):
     d = tmp_path / "clilab"
     cli = [sys.executable, "-m", "appliance.cli", "lab"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(cli + ["up", "--dir", str(d), "--disk-mib", "8", "--hosts", "1", "--vms", "1"],
+    subprocess.run(cli + ["up", "--dir", str(d), "--disk-mib", "8", "--hosts", "1", "--vms", "1",
+                          "--no-zvm"],
                    check=True, env=env, timeout=120, capture_output=True)
     st = json.loads(subprocess.run(cli + ["status", "--dir", str(d), "--json"], check=True, env=env,
                                    timeout=60, capture_output=True).stdout)
