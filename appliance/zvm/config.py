@@ -42,6 +42,15 @@ class ZVMConfig:
     inventory_interval_s: float = 2.0        # inventory polling (changes noticed within 5 s)
     monitor_interval_s: float = 2.0          # VPG status, RPO, alerts
     peer_timeout_s: float = 10.0             # calls to the peer ZVM and to VRAs
+    # --- VPGs (docs/zvm.md, "VPGs")
+    vpg_checkpoint_interval_s: float = 5.0   # how often a VPG's leader VRA takes a checkpoint
+    vpg_sync_timeout_s: float = 3600.0       # longest a delta (initial) sync call may take
+    vpg_history_grace_s: float = 0.0         # HistoryNotMeetingSLA only after history + this since sync
+    peer_check_interval_s: float = 3.0       # peer ZVM reachability checks (alert ZVM0002)
+    # --- VRAs (docs/zvm.md, "VRAs")
+    vra_check_interval_s: float = 2.0        # VRA status polling (alert VRA0001)
+    vra_install_timeout_s: float = 120.0     # how long a deployed VRA may take to answer
+    vra_replication_tls: bool = True         # VRAs speak mutual TLS with the pairing CAs
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, **overrides) -> "ZVMConfig":
