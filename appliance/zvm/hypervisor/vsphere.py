@@ -227,7 +227,19 @@ class VSphereHypervisor(Hypervisor):
                 owner, vim.ClusterComputeResource) else None))
         return sorted(out, key=lambda r: r.id)
 
-    def _vm_from(self, obj, p: dict) -> VM | None:
+    def _ds_names(self) -> dict[str, str]:
+        return {p["name"]: o._moId for o, p in self._collect(vim.Datastore, ["name"])}
+
+    @staticmethod
+    def _disk_ds(backing, ds_ids: dict[str, str]) -> str | None:
+        """A disk's datastore id: from its "[name] path" (vcsim's backing.datastore is not a
+        datastore MoRef), else from backing.datastore."""
+        name = (getattr(backing, "fileName", "") or "").partition("]")[0].lstrip("[")
+        if name in ds_ids:
+            return ds_ids[name]
+        return getattr(getattr(backing, "datastore", None), "_moId", None)
+
+    def _vm_from(self, obj, p: dict, ds_ids: dict[str, str]) -> VM | None:
         if not p.get("config.instanceUuid") or p.get("config.template"):
             return None       # being created, or a template
         extra = specs.extra_config(p.get("config.extraConfig"))
@@ -251,20 +263,23 @@ class VSphereHypervisor(Hypervisor):
                   power_state=str(p.get("runtime.powerState")), cpus=p.get("config.hardware.numCPU", 0),
                   memory_mib=p.get("config.hardware.memoryMB", 0), nics=tuple(nics),
                   disks=tuple(Disk(index=i, capacity_bytes=d.capacityInBytes or d.capacityInKB * 1024,
-                                   datastore_id=getattr(getattr(d.backing, "datastore", None), "_moId", None),
+                                   datastore_id=self._disk_ds(d.backing, ds_ids),
                                    path=getattr(d.backing, "fileName", "") or "")
                               for i, d in enumerate(disks)),
                   image=extra.get(specs.IMAGE_KEY))
 
     def vms(self) -> list[VM]:
-        out = (self._vm_from(o, p) for o, p in self._collect(vim.VirtualMachine, VM_PROPS))
+        with faults("read the VMs"):
+            got = self._retrieve([(vim.VirtualMachine, VM_PROPS), (vim.Datastore, ["name"])])
+        ds_ids = {p["name"]: o._moId for o, p in got[vim.Datastore]}
+        out = (self._vm_from(o, p, ds_ids) for o, p in got[vim.VirtualMachine])
         return sorted((v for v in out if v is not None), key=lambda v: v.name)
 
     def vm(self, vm_id: str) -> VM:
         obj = self._vm_obj(vm_id)
         with faults(f"read VM {vm_id}"):
             found = self._retrieve([(vim.VirtualMachine, VM_PROPS)], obj=obj)[vim.VirtualMachine]
-        vm = self._vm_from(*found[0]) if found else None
+        vm = self._vm_from(*found[0], self._ds_names()) if found else None
         if vm is None:
             raise NotFound(f"no VM with id {vm_id!r} (or it is a template, or still being created)")
         return vm
@@ -354,13 +369,10 @@ class VSphereHypervisor(Hypervisor):
         vm = self._vm_obj(vm_id)
         if self._power_state(vm) != "poweredOff":
             self._wait(vm.PowerOffVM_Task(), f"power off VM {vm_id}")
-        if keep_disks:
-            with faults(f"detach the disks of VM {vm_id}"):
-                disks = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
-                task = vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(deviceChange=[
-                    vim.vm.device.VirtualDeviceSpec(operation=specs.Op.remove, device=d) for d in disks]))
-            if disks:
-                self._wait(task, f"detach the disks of VM {vm_id}")
+        if keep_disks:     # "remove from inventory": every file of the VM stays
+            with faults(f"unregister VM {vm_id}"):
+                vm.UnregisterVM()
+            return
         with faults(f"delete VM {vm_id}"):
             task = vm.Destroy_Task()
         self._wait(task, f"delete VM {vm_id}")

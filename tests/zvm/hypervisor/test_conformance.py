@@ -9,6 +9,7 @@ the truth the adapter's view is compared with.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ def test_inventory_matches_the_simulator(env):
     assert hv.folders() and hv.resource_pools()
     host_names = {h.id: h.name for h in hosts}
     net_names = {n.id: n.name for n in nets.values()}
+    ds_names = {d.id: d.name for d in dss.values()}
     vms = {v.name: v for v in hv.vms()}
     assert set(vms) == {v["name"] for v in site["vms"]}
     for want in site["vms"]:
@@ -121,7 +123,8 @@ def test_inventory_matches_the_simulator(env):
         assert (got.cpus, got.memory_mib) == (want["vcpus"], want["memory_mib"])
         assert [(n.mac, net_names[n.network_id], n.ip) for n in got.nics] == \
             [(n["mac"], n["network"], n["ip"]) for n in want["nics"]]
-        assert [d.capacity_bytes for d in got.disks] == [16 * MiB]
+        assert [(d.capacity_bytes, ds_names[d.datastore_id]) for d in got.disks] == \
+            [(16 * MiB, want["datastore"])]
         assert got.image is None and hv.vm(got.id) == got
     # ids are the platform's: the simulator's own ids, GUIDs on Hyper-V, MoRefs on vSphere
     if env.backend == "vcsim":
@@ -253,6 +256,8 @@ def test_create_reconfigure_and_delete_a_vm(env):
         [("00:50:56:aa:00:01", "10.0.7.7", "site-a-net0")]
     assert [d["capacity_bytes"] for d in sim["disks"]] == [8 * MiB]
     env.sim("/api/vms/zvm-recovered/write", "POST", json={"disk": 0, "offset": 0, "data": "aGVsbG8="})
+    with open(sim["disks"][0]["path"], "rb") as f:     # the guest writes into that VM's disk file
+        assert f.read(5) == b"hello"
     # re-IP into the isolated test network, and a second NIC
     vm = hv.reconfigure_nics(vm.id, [NicSpec(test_net, ip="10.100.0.9"), NicSpec(net0)])
     assert [(n.network_id, n.ip) for n in vm.nics] == [(test_net, "10.100.0.9"), (net0, None)]
@@ -266,6 +271,18 @@ def test_create_reconfigure_and_delete_a_vm(env):
                what="the data path to delete the VM")
     with pytest.raises(NotFound):
         hv.vm(vm.id)
+    assert not os.path.exists(sim["disks"][0]["path"])
+
+
+def test_delete_keeping_the_disks(env):
+    hv = env.hv
+    vm = hv.create_vm(VMSpec(name="zvm-kept", host_id=env.host_id("site-a-h0"),
+                             datastore_id=env.ds_id("site-a-ds1"), disks=[DiskSpec(capacity_bytes=4 * MiB)]))
+    path = wait_until(lambda: env.sim_vm("zvm-kept"), NOTICE_S, what="the VM in the data path")["disks"][0]["path"]
+    hv.delete_vm(vm.id, keep_disks=True)
+    wait_until(lambda: env.sim_vm("zvm-kept") is None, NOTICE_S, what="the data path to delete the VM")
+    assert os.path.getsize(path) == 4 * MiB
+    assert "zvm-kept" not in [v.name for v in hv.vms()]
 
 
 def test_deploy_appliance_starts_a_vra(env, tmp_path):
