@@ -235,6 +235,24 @@ def test_out_of_band_changes_are_noticed_within_5_s(env):
     assert not watch.thread.is_alive()
 
 
+def test_host_failure_is_noticed(env):
+    if env.backend == "vcsim":
+        pytest.skip("vcsim 0.24 has no DisconnectHost/ReconnectHost: the mirror cannot show a host down")
+    hv = env.hv
+    h1 = env.host_id("site-a-h1")
+    on_h1 = [v.id for v in hv.vms() if v.host_id == h1 and v.power_state == "poweredOn"]
+    hv.poll()
+    env.sim("/api/hosts/site-a-h1/fail", "POST")
+    try:
+        seen = changes_until(hv, lambda cs: any(c.kind == "host_state" for c in cs))
+        assert Change("host_state", h1, "site-a-h1", "connected", "disconnected") in seen
+        assert {c.id for c in seen if c.kind == "vm_power" and c.new == "poweredOff"} == set(on_h1)
+    finally:
+        env.sim("/api/hosts/site-a-h1/restore", "POST")
+    seen = changes_until(hv, lambda cs: any(c.kind == "host_state" for c in cs))
+    assert Change("host_state", h1, "site-a-h1", "disconnected", "connected") in seen
+
+
 def test_create_reconfigure_and_delete_a_vm(env):
     hv = env.hv
     h1, net0, test_net = env.host_id("site-a-h1"), env.net_id("site-a-net0"), env.net_id("site-a-test")
