@@ -295,6 +295,14 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def resource_pools(self) -> list[ResourcePool]: ...
 
+    def datastore_path(self, datastore_id: str) -> str | None:
+        """The datastore's folder on this machine's file system, when it has one (the
+        simulator's datastores, vcsim's local datastores); None otherwise (VMFS, vSAN, NFS seen
+        through ESXi). NotFound for an unknown id."""
+        if all(d.id != datastore_id for d in self.datastores()):
+            raise NotFound(f"no datastore with id {datastore_id!r}")
+        return None
+
     @abc.abstractmethod
     def vms(self) -> list[VM]: ...
 

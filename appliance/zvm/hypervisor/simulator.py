@@ -110,6 +110,11 @@ class SimulatorHypervisor(Hypervisor):
                                  free_bytes=max(0, d["capacity_bytes"] - used)))
         return out
 
+    def datastore_path(self, datastore_id: str) -> str | None:
+        st = self._site()
+        self._name(st["datastores"], datastore_id, "datastore")
+        return next(d["path"] for d in st["datastores"] if d["id"] == datastore_id)
+
     def networks(self) -> list[Network]:
         return [Network(id=n["id"], name=n["name"], isolated=bool(n.get("isolated")))
                 for n in self._site()["networks"]]

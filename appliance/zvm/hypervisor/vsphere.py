@@ -187,6 +187,14 @@ class VSphereHypervisor(Hypervisor):
                                                                  "summary.freeSpace"])),
                       key=lambda d: d.name)
 
+    def datastore_path(self, datastore_id: str) -> str | None:
+        """A local datastore's folder (vcsim: the real directory); None for ds:/// URLs."""
+        found = {o._moId: p.get("info.url") for o, p in self._collect(vim.Datastore, ["info.url"])}
+        if datastore_id not in found:
+            raise NotFound(f"no datastore with id {datastore_id!r} in vCenter")
+        url = found[datastore_id] or ""
+        return url if url.startswith("/") else None
+
     def networks(self) -> list[Network]:
         """Networks; a standard port group is isolated when its vSwitch has no uplink on any host."""
         with faults("read the networks"):

@@ -13,6 +13,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import requests
@@ -106,6 +107,10 @@ def test_inventory_matches_the_simulator(env):
     dss = {d.name: d for d in hv.datastores()}
     assert set(dss) >= {"site-a-ds0", "site-a-ds1"}
     assert all(0 <= d.free_bytes <= d.capacity_bytes and d.capacity_bytes > 0 for d in dss.values())
+    for d in site["datastores"]:      # the lab's datastores are folders on this machine
+        assert Path(hv.datastore_path(dss[d["name"]].id)).resolve() == Path(d["path"]).resolve()
+    with pytest.raises(NotFound):
+        hv.datastore_path("datastore-99999")
     nets = {n.name: n for n in hv.networks()}
     for n in site["networks"]:
         assert nets[n["name"]].isolated == n["isolated"], n["name"]
