@@ -95,7 +95,7 @@ class VCenterMirror(VCenterWatch):
         self.si = SmartConnect(**self._connect)
         self.content = self.si.RetrieveContent()
         self._lock = threading.RLock()
-        self._adopt: dict[str, str] = {}   # VM name -> moid of a vCenter-made VM being adopted
+        self._adopt: dict[str, tuple] = {}  # VM name -> (moid, power) of a vCenter-made VM adopted
         self._init_watch()
 
     def close(self) -> None:
@@ -202,11 +202,12 @@ class VCenterMirror(VCenterWatch):
 
     # --------------------------------------------------------------------- VMs
     @contextmanager
-    def adopting(self, name: str, moid: str):
+    def adopting(self, name: str, moid: str, power_state: str):
         """While inside, ``create_vm`` of a VM named ``name`` takes the existing vcsim VM
-        ``moid`` (created through vCenter by someone else) instead of creating one."""
+        ``moid`` (created through vCenter by someone else) instead of creating one; the site
+        then applies ``power_state``, the state the watch reported, which is what it believes."""
         with self._lock:
-            self._adopt[name] = moid
+            self._adopt[name] = (moid, power_state)
         try:
             yield
         finally:
@@ -217,8 +218,9 @@ class VCenterMirror(VCenterWatch):
         """Create ``vm`` (an inventory VM dict) on its host, then set its power state."""
         with self._lock:
             if vm["name"] in self._adopt:
-                obj = vim.VirtualMachine(self._adopt[vm["name"]], self.si._stub)
-                with self._changing(obj, (vm["name"], vm["host"], str(obj.runtime.powerState))):
+                moid, power = self._adopt[vm["name"]]
+                obj = vim.VirtualMachine(moid, self.si._stub)
+                with self._changing(obj, (vm["name"], vm["host"], power)):
                     pass
                 return obj
             dc = self._datacenter(site_inventory["datacenter"])

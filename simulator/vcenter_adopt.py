@@ -62,24 +62,30 @@ def _adopt(site, name: str, event: dict, spec: dict) -> dict:
     ds_paths = {d["name"]: Path(d["path"]).resolve() for d in inv["datastores"]}
     nets = {n["name"] for n in inv["networks"]}
     datastore = spec["datastore"] if spec["datastore"] in ds_paths else inv["datastores"][0]["name"]
+    files = {}          # resolved before anything is created: a refusal leaves nothing behind
+    for i, d in enumerate(spec["disks"]):
+        if not d.get("image"):
+            files[i] = datastore_file(d.get("file"), ds_paths)
+            if files[i] is None:
+                raise ValueError(f"disk {i} ({d.get('file')}) is not on a datastore of the site")
     body = {"name": name, "host": event["host"], "datastore": datastore,
             "vcpus": spec["vcpus"], "memory_mib": spec["memory_mib"], "disks_mib": [],
             "image": spec.get("image"), "properties": spec.get("properties") or {}}
     if any(d.get("image") for d in spec["disks"]):
         body["disks"] = [{"capacity_bytes": d["capacity_bytes"], "image": d.get("image")}
                          for d in spec["disks"]]
-    with site.vcenter.adopting(name, event["moid"]):
+    # made powered off; apply_foreign then applies the reported power state, so that is the
+    # state the mirror believes from now on
+    with site.vcenter.adopting(name, event["moid"], event.get("power_state") or "poweredOff"):
         vm = site.create_vm(body)
     vm["instance_uuid"], vm["bios_uuid"] = spec["instance_uuid"], spec["bios_uuid"]
     disks = []
     for i, d in enumerate(spec["disks"]):
         entry = vm["disks"][i] if i < len(vm["disks"]) else {"index": i}
-        if d.get("image"):
+        if i not in files:       # a recovery image, as the site made it
             disks.append(entry)
             continue
-        path = datastore_file(d.get("file"), ds_paths)
-        if path is None:
-            raise ValueError(f"disk {i} ({d.get('file')}) is not on a datastore of the site")
+        path = files[i]
         if entry.get("path") and Path(entry["path"]) != path:
             Path(entry["path"]).unlink(missing_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -288,6 +288,9 @@ def test_create_reconfigure_and_delete_a_vm(env):
     if env.backend != "vcsim":
         assert [(n["network"], n["ip"]) for n in env.sim_vm("zvm-recovered")["nics"]] == \
             [("site-a-test", "10.100.0.9"), ("site-a-net0", None)]
+    hv.power_off(vm.id, graceful=False)
+    wait_until(lambda: env.sim_vm("zvm-recovered")["power_state"] == "poweredOff", NOTICE_S,
+               what="the data path to power the new VM off")
     hv.delete_vm(vm.id)
     assert "zvm-recovered" not in [v.name for v in hv.vms()]
     wait_until(lambda: env.sim_vm("zvm-recovered") is None, NOTICE_S,
