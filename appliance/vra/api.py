@@ -156,6 +156,16 @@ def create_app(vra: VRA) -> Flask:
             raise APIError(f"recovery VPG settings: {exc}") from exc
         return jsonify({"vpg": vpg, "address": list(vra.receiver.address)})
 
+    @app.delete("/v1/recovery/vpgs/<vpg>")
+    def drop_vpg(vpg):
+        """Delete a VPG's journal; its replica disks too unless ``?keep_replicas=1``. Idempotent."""
+        j = need(vra.journal, "recovery")
+        keep = request.args.get("keep_replicas", "0").lower() in ("1", "true")
+        if vpg in j.vpgs():
+            vra.receiver.targets.pop(vpg, None)
+            j.delete_vpg(vpg, keep)
+        return "", 204
+
     @app.get("/v1/recovery/vpgs/<vpg>/checkpoints")
     def checkpoints(vpg):
         j = need(vra.journal, "recovery")

@@ -34,10 +34,20 @@ class Coordinator:
     """Takes checkpoints of one VPG: ``checkpoint()`` once, or every ``interval`` seconds."""
 
     def __init__(self, vpg: str, participants: dict[str, str], token: str, commit,
-                 interval: float = 5.0, hold_ms: int = 50, recovery_url: str | None = None):
+                 interval: float = 5.0, hold_ms: int = 50, recovery_url: str | None = None,
+                 recovery_token: str | None = None):
         self.vpg = vpg
-        self.participants = dict(participants)   # VRA name -> control URL
         self.token = token
+        # VRA name -> control URL; a participant given as {url, token} has a token of its own
+        self.participants: dict[str, str] = {}
+        self.tokens: dict[str, str] = {}         # control URL -> its bearer token
+        for name, p in participants.items():
+            url = p["url"] if isinstance(p, dict) else p
+            self.participants[name] = url
+            if isinstance(p, dict) and p.get("token"):
+                self.tokens[url] = p["token"]
+        if recovery_url and recovery_token:
+            self.tokens[recovery_url] = recovery_token
         self.commit = commit                     # callable(vpg, k, info): the leader's COMMIT
         self.interval = interval
         self.hold_ms = hold_ms
@@ -52,7 +62,7 @@ class Coordinator:
 
     def _post(self, url: str, path: str, body: dict | None = None) -> dict:
         r = requests.post(url + path, json=body or {}, timeout=5,
-                          headers={"Authorization": f"Bearer {self.token}"})
+                          headers={"Authorization": f"Bearer {self.tokens.get(url, self.token)}"})
         r.raise_for_status()
         return r.json()
 

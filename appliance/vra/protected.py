@@ -220,15 +220,18 @@ class ProtectedSide:
             s.stop()
 
     def protect(self, vpg: str, vms: list[str], target: tuple[str, int], compress: bool = True,
-                priority: str = "Medium"):
-        """Start (or update) sending a VPG's writes to its recovery VRA."""
+                priority: str = "Medium", target_token: str | None = None):
+        """Start (or update) sending a VPG's writes to its recovery VRA (``target_token``: the
+        recovery VRA's token, when it is not this VRA's own)."""
         if priority not in PRIORITY_WEIGHTS:
             raise ValueError(f"priority is one of {', '.join(PRIORITY_WEIGHTS)}")
         with self.lock:
             old = self.vpgs.get(vpg)
+            token = target_token or self.token
             self.vpgs[vpg] = {"vms": list(vms), "target": tuple(target), "compress": compress,
-                              "priority": priority}
-            if old and vpg in self.senders and (old["target"], old["compress"]) != (tuple(target), compress):
+                              "priority": priority, "token": token}
+            if old and vpg in self.senders and (old["target"], old["compress"], old["token"]) != \
+                    (tuple(target), compress, token):
                 self.senders.pop(vpg).stop()
             for u in list(self.vm_vpg):
                 if self.vm_vpg[u] == vpg:
@@ -238,7 +241,7 @@ class ProtectedSide:
             if vpg in self.senders:
                 self.senders[vpg].weight = PRIORITY_WEIGHTS[priority]
             else:
-                s = Sender(vpg, self.source, target, self.token, compress, self.tls, self._advance,
+                s = Sender(vpg, self.source, target, token, compress, self.tls, self._advance,
                            self.throttle, priority)
                 self.senders[vpg] = s
                 s.start()
@@ -282,7 +285,7 @@ class ProtectedSide:
             s.stop()
         with self.lock:
             for vpg, cfg in self.vpgs.items():
-                s = Sender(vpg, self.source, cfg["target"], self.token, cfg["compress"], self.tls,
+                s = Sender(vpg, self.source, cfg["target"], cfg["token"], cfg["compress"], self.tls,
                            self._advance, self.throttle, cfg["priority"])
                 self.senders[vpg] = s
                 s.start()

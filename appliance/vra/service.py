@@ -99,14 +99,15 @@ class VRA:
         from .checkpoint import Coordinator
         side = self.protected
         side.protect(vpg, [str(u) for u in b["vms"]], (str(b["target_host"]), int(b["target_port"])),
-                     bool(b.get("compress", True)), str(b.get("priority", "Medium")))
+                     bool(b.get("compress", True)), str(b.get("priority", "Medium")),
+                     b.get("target_token"))
         old = self.coordinators.pop(vpg, None)
         if old:
             old.stop()
         if b.get("leader"):
             c = Coordinator(vpg, b.get("participants") or {self.cfg.name: self.control_url},
                             self.cfg.token, side.commit, float(b.get("interval_s", 5.0)),
-                            int(b.get("hold_ms", 50)), b.get("recovery_url"))
+                            int(b.get("hold_ms", 50)), b.get("recovery_url"), b.get("target_token"))
             self.coordinators[vpg] = c
             c.start()
         self.vpg_settings[vpg] = dict(b)
@@ -191,7 +192,7 @@ class VRA:
             if time.monotonic() > deadline:
                 raise SyncError(f"VPG {vpg}: the stream to the recovery VRA is not connected")
             time.sleep(0.05)
-        auth = {"Authorization": f"Bearer {self.cfg.token}"}
+        auth = {"Authorization": f"Bearer {self.vpg_settings[vpg].get('target_token') or self.cfg.token}"}
         bs = DELTA_BLOCK
         out = {"vm": vm_uuid, "disk": disk, "blocks_compared": 0, "blocks_differing": 0,
                "blocks_sent": 0, "zero_blocks": 0, "bytes_sent": 0, "seconds": 0.0,
