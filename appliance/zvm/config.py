@@ -46,10 +46,6 @@ class ZVMConfig:
     vpg_checkpoint_interval_s: float = 5.0   # how often a VPG's leader VRA takes a checkpoint
     vpg_sync_timeout_s: float = 3600.0       # longest a delta (initial) sync call may take
     vpg_history_grace_s: float = 0.0         # HistoryNotMeetingSLA only after history + this since sync
-    # --- VPGs (docs/zvm.md, "VPGs")
-    vpg_checkpoint_interval_s: float = 5.0   # how often a VPG's leader VRA takes a checkpoint
-    vpg_sync_timeout_s: float = 3600.0       # longest a delta (initial) sync call may take
-    vpg_history_grace_s: float = 0.0         # HistoryNotMeetingSLA only after history + this since sync
     peer_check_interval_s: float = 3.0       # peer ZVM reachability checks (alert ZVM0002)
     # --- VRAs (docs/zvm.md, "VRAs")
     vra_check_interval_s: float = 2.0        # VRA status polling (alert VRA0001)
