@@ -72,7 +72,7 @@ class Host:
             if cfg["instance_uuid"] in self.io.vms or cfg["instance_uuid"] in self.appliances:
                 raise Conflict(f"VM {cfg['name']} is already running on {self.name}")
             if cfg.get("image"):
-                proc = appliances.ApplianceProcess(cfg, self.dir / "appliances" / cfg["name"])
+                proc = appliances.ApplianceProcess(cfg, self.dir / "appliances" / cfg["name"], self)
                 proc.start()
                 self.appliances[cfg["instance_uuid"]] = proc
                 return {"vm": cfg["name"], "appliance": proc.status()}
