@@ -84,6 +84,9 @@ class ZVMProcess:
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         self.info = json.loads(out.stdout)
+        self.http = requests.Session()
+        self.http.trust_env = False
+        self._token = None
         self.http.verify = self.info["certificate"]
         self.log = open(self.dir / "zvm.log", "ab")
         self.proc = subprocess.Popen([*TIDEMARK, "zvm", "serve", "--config", str(self.config_path)],
