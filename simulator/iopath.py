@@ -162,33 +162,30 @@ class IOPath(ResyncMixin):
 
     # -- guest writes -----------------------------------------------------
     def write(self, vm: VMRuntime, disk: Disk, offset: int, length: int, fill) -> bool:
-        """One guest write; ``fill(view)`` writes the data into a buffer. True if mirrored."""
+        """One guest write; ``fill(view)`` writes the data into a buffer. True if mirrored.
+
+        While mirroring, the buffer the guest fills is the record's payload in the
+        ring (shared memory), and the disk write is made from it: the data is
+        copied once, by the guest, as with an IO filter that shares the guest's
+        buffers with the replication appliance.
+        """
         if offset < 0 or length <= 0 or offset + length > disk.capacity:
             raise ValueError(f"write [{offset}, {offset + length}) is outside disk {disk.index} "
                              f"of {disk.capacity} bytes")
         ring = self.ring
         stats = self.stats
         with disk.lock:
-            vm.vm_seq += 1
+            vm.vm_seq = vm_seq = vm.vm_seq + 1
             got = None
             if self.attached and not (self.overflow and self._still_overflowing()):
-                t0 = time.monotonic()
-                got = ring.try_reserve(length)
+                got = ring.reserve(length, R.WRITE, disk.index, vm.generation, vm_seq, offset,
+                                   vm.uuid_bytes)
                 if got is None:
-                    deadline = t0 + self.stall_budget
-                    while got is None and time.monotonic() < deadline and self.attached:
-                        time.sleep(0.0005)
-                        got = ring.try_reserve(length)
-                    stall = (time.monotonic() - t0) * 1000
-                    if stall > stats.max_stall_ms:
-                        stats.max_stall_ms = stall
-                    if got is None:
-                        self.overflow = True   # the VRA is behind: bitmap mode until it catches up
+                    got = self._wait_for_room(vm, disk, offset, length, vm_seq)
             if got is not None:
-                pos, seq, view = got
+                pos, _seq, view = got
                 fill(view)
-                ring.commit_header(pos, R.WRITE, seq, disk.index, vm.generation, vm.vm_seq,
-                                   offset, vm.uuid_bytes, view)
+                ring.seal(pos, view)
                 os.pwrite(disk.fd, view, offset)
                 ring.commit(pos)
                 stats.mirrored_writes += 1
@@ -203,6 +200,23 @@ class IOPath(ResyncMixin):
             stats.writes += 1
             stats.bytes += length
         return got is not None
+
+    def _wait_for_room(self, vm: VMRuntime, disk: Disk, offset: int, length: int, vm_seq: int):
+        """The ring is full: wait up to the stall budget for the VRA to free room (then bitmap mode)."""
+        ring, stats = self.ring, self.stats
+        t0 = time.monotonic()
+        deadline = t0 + self.stall_budget
+        got = None
+        while got is None and time.monotonic() < deadline and self.attached:
+            time.sleep(0.0005)
+            got = ring.reserve(length, R.WRITE, disk.index, vm.generation, vm_seq, offset,
+                               vm.uuid_bytes)
+        stall = (time.monotonic() - t0) * 1000
+        if stall > stats.max_stall_ms:
+            stats.max_stall_ms = stall
+        if got is None:
+            self.overflow = True   # the VRA is behind: bitmap mode until it catches up
+        return got
 
     def _still_overflowing(self) -> bool:
         """In bitmap mode after an overflow, writes skip the ring (no 50 ms wait each) until

@@ -10,8 +10,11 @@ Positions are byte counts that only grow; ``pos % capacity`` is the place in
 the data area. Every record starts at a 64-byte boundary and never wraps: when
 the space left before the end of the data area is too small, a PAD record fills
 it. The producer reserves space under its lock (which also hands out the
-per-host sequence number), fills the payload, writes the header and finally the
-magic word, which is the commit marker. The consumer reads records in position
+per-host sequence number) and writes the header there, magic and checksum still
+0; the payload is then filled in place, the checksum written and finally the
+magic word, which is the commit marker. While the consumer keeps up, the
+producer goes back to the start of the data area early (PAD), so that the ring
+in use stays within a cache-sized hot window. The consumer reads records in position
 order, stops at the first uncommitted one, verifies the checksum, and frees
 space by advancing ``tail`` once it has dealt with a record.
 """
@@ -46,6 +49,7 @@ REC = struct.Struct("<IHHIIQQQ16sQ")
 assert REC.size == 64
 REC_ALIGN = 64
 CONSUMER_SPIN = 0.0005  # how long a consumer polls before it sleeps on the doorbell
+HOT_WINDOW = 8 << 20    # a producer whose consumer keeps up reuses this much of the ring (cache)
 
 # Record types.
 WRITE = 1      # a guest write: payload is the data written at (disk, offset)
@@ -168,12 +172,17 @@ class _Mapped:
 class RingProducer(_Mapped):
     """The host side. Thread safe: guest writes of all VMs on a host share one ring."""
 
-    def __init__(self, path: str, capacity: int = 64 << 20, create: bool = True):
+    def __init__(self, path: str, capacity: int = 64 << 20, create: bool = True,
+                 hot_window: int = HOT_WINDOW):
         super().__init__(path, create, capacity)
         self._lock = threading.Lock()
         self.doorbell: socket.socket | None = None
         self.next_seq = 1
         self._head = self.head()
+        # Producer policy, not part of the format: see ``reserve``. A window of at
+        # least half the ring would gain nothing, so such rings fill linearly.
+        self.hot_window = hot_window if 0 < hot_window <= self.capacity >> 1 else self.capacity
+        self._hot_lag = self.hot_window >> 1
 
     def set_head(self, pos: int):
         self._head = pos
@@ -187,8 +196,24 @@ class RingProducer(_Mapped):
     def free_space(self) -> int:
         return self.capacity - (self._head - self.tail())
 
-    def try_reserve(self, length: int) -> tuple[int, int, memoryview] | None:
-        """Reserve a record of ``length`` payload bytes: (position, seq, payload view) or None if full."""
+    def reserve(self, length: int, rtype: int = 0, disk: int = 0, generation: int = 0,
+                vm_seq: int = 0, offset: int = 0, vm_uuid: bytes = b"\0" * 16
+                ) -> tuple[int, int, memoryview] | None:
+        """Reserve a record of ``length`` payload bytes: (position, seq, payload view) or None if full.
+
+        The header is written at once with these fields, its checksum and magic
+        still 0: the record is not committed until ``commit`` writes the magic,
+        and recovery can step over (and mark dirty) a reservation whose producer
+        died. ``seal`` then writes the checksum once the payload is filled.
+
+        Placement: a record starts at the head unless fewer bytes than it needs
+        are left before the end of the data area, or the head is past the hot
+        window while the consumer is close behind (at most half a window): then
+        a PAD fills the rest of the lap and the record goes to the start. A
+        consumer that keeps up therefore works in the first ``hot_window`` bytes
+        of the ring, which stay in the CPU caches; one that falls behind gets
+        the whole capacity.
+        """
         need = 64 + ((length + 63) & -64)            # REC.size + align(length)
         cap = self.capacity
         if need > cap >> 1:
@@ -197,23 +222,41 @@ class RingProducer(_Mapped):
         with self._lock:
             pos = self._head
             off = pos % cap
-            pad = cap - off if cap - off < need else 0
-            if pos + pad + need - _U64.unpack_from(view, _OFF_TAIL)[0] > cap:
+            room = cap - off
+            tail = _U64.unpack_from(view, _OFF_TAIL)[0]
+            if room < need:
+                pad = room
+            elif (off + need > self.hot_window and pos - tail <= self._hot_lag
+                  and pos + room + need - tail <= cap):
+                pad = room                               # back to the hot start of the ring
+            else:
+                pad = 0
+            if pos + pad + need - tail > cap:
                 return None
             if pad:
                 self._write_pad(pos, pad)
                 pos += pad
                 off = 0
             base = HEADER_SIZE + off
-            # Not committed until the magic is written; the length is kept so that
-            # recovery can step over a reservation whose producer died.
-            _U32.pack_into(view, base, 0)
-            _U32.pack_into(view, base + 8, length)
             seq = self.next_seq
             self.next_seq = seq + 1
+            REC.pack_into(view, base, 0, rtype, disk, length, generation, seq, vm_seq, offset,
+                          vm_uuid, 0)
             self._head = head = pos + need               # set_head, inlined
             _U64.pack_into(view, _OFF_HEAD, head)
         return pos, seq, view[base + 64:base + 64 + length]
+
+    def try_reserve(self, length: int) -> tuple[int, int, memoryview] | None:
+        """Reserve a record whose header ``commit_header`` writes later (see ``reserve``)."""
+        return self.reserve(length)
+
+    def seal(self, pos: int, payload: memoryview):
+        """Write the checksum of a record ``reserve`` wrote the header of, once its payload is filled."""
+        base = HEADER_SIZE + pos % self.capacity
+        view = self.view
+        h = _xxh3_64(view[base + 4:base + 56])           # record_checksum, inlined
+        h.update(payload)
+        _U64.pack_into(view, base + 56, h.intdigest())
 
     def _write_pad(self, pos: int, size: int):
         base = HEADER_SIZE + pos % self.capacity
