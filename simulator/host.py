@@ -26,6 +26,7 @@ from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
 from . import appliances
+from .imagedisk import DiskMoved, ImageDiskError, ImageVM, image_vm, is_image_vm
 from .iopath import Disk, IOPath, VMRuntime
 from .procs import exit_with_parent, write_pidfile
 from .workload import Content, Workload, WorkloadError, WorkloadSpec
@@ -45,6 +46,7 @@ class Host:
         self.workloads: dict[str, Workload] = {}
         self.appliances: dict[str, appliances.ApplianceProcess] = {}
         self._contents: dict[int, Content] = {}
+        self.image_vms: dict[str, ImageVM] = {}     # VMs with disks on VRA recovery images
         self._lock = threading.RLock()
         self.doorbell_path = state["sock_path"]
         self._recover(state.get("running", []))
@@ -54,6 +56,8 @@ class Host:
         """Cover by dirty bitmaps whatever the ring held when this host last stopped."""
         vms = {}
         for cfg in running:
+            if is_image_vm(cfg):       # never mirrored: nothing of it can be in the ring
+                continue
             vm = self._runtime(cfg)
             vms[vm.uuid_bytes] = vm
         self.io.recover(vms)
@@ -69,15 +73,23 @@ class Host:
     # -- VMs ------------------------------------------------------------------------
     def start_vm(self, cfg: dict, reason: str) -> dict:
         with self._lock:
-            if cfg["instance_uuid"] in self.io.vms or cfg["instance_uuid"] in self.appliances:
+            if cfg["instance_uuid"] in self.io.vms or cfg["instance_uuid"] in self.appliances or \
+                    cfg["instance_uuid"] in self.image_vms:
                 raise Conflict(f"VM {cfg['name']} is already running on {self.name}")
             if cfg.get("image"):
                 proc = appliances.ApplianceProcess(cfg, self.dir / "appliances" / cfg["name"], self)
                 proc.start()
                 self.appliances[cfg["instance_uuid"]] = proc
                 return {"vm": cfg["name"], "appliance": proc.status()}
-            vm = self._runtime(cfg)
-            self.io.add_vm(vm, reason)
+            if is_image_vm(cfg):
+                try:
+                    vm = image_vm(cfg)
+                except (ValueError, TypeError, KeyError, OSError, ImageDiskError) as exc:
+                    raise BadRequest(f"VM {cfg['name']}: {exc}") from exc
+                self.image_vms[vm.uuid] = vm
+            else:
+                vm = self._runtime(cfg)
+                self.io.add_vm(vm, reason)
             wl = cfg.get("workload")
             if wl and wl.get("state") in ("running", "paused"):
                 self._start_workload(vm, WorkloadSpec.from_dict(wl["spec"]),
@@ -91,7 +103,7 @@ class Host:
                 proc = self.appliances.pop(vm_uuid)
                 proc.stop()
                 return {"generation": 1, "vm_seq": 0}
-            if vm_uuid not in self.io.vms:
+            if vm_uuid not in self.io.vms and vm_uuid not in self.image_vms:
                 raise NotFound(f"VM {vm_uuid} is not running on {self.name}")
             wl = self.workloads.pop(vm_uuid, None)
             wl_state = None
@@ -103,7 +115,11 @@ class Host:
                     wl_state["spec"]["seed"] = wl.gen.rng.randrange(1 << 31)
                     if wl.spec.total_bytes:
                         wl_state["spec"]["total_bytes"] = max(1, wl.spec.total_bytes - wl.written)
-            vm = self.io.remove_vm(vm_uuid, reason)
+            if vm_uuid in self.image_vms:
+                vm = self.image_vms.pop(vm_uuid)
+                vm.close()
+            else:
+                vm = self.io.remove_vm(vm_uuid, reason)
             return {"generation": vm.generation, "vm_seq": vm.vm_seq, "workload": wl_state}
 
     def _content(self, seed: int) -> Content:
@@ -118,10 +134,13 @@ class Host:
         if old is not None:
             old.stop()
         io = self.io
-
-        def write(disk_index, offset, length, src, vm=vm):
-            io.write(vm, vm.disks[disk_index], offset, length, lambda view: view.__setitem__(
-                slice(None), src))
+        if isinstance(vm, ImageVM):
+            def write(disk_index, offset, length, src, vm=vm):
+                self._image_write(vm, disk_index, offset, src)
+        else:
+            def write(disk_index, offset, length, src, vm=vm):
+                io.write(vm, vm.disks[disk_index], offset, length, lambda view: view.__setitem__(
+                    slice(None), src))
 
         wl = Workload(vm.name, spec, [d.capacity for d in vm.disks], write,
                       salt=vm.generation, content=self._content(spec.seed))
@@ -153,14 +172,77 @@ class Host:
         vm = self._vm(vm_uuid)
         if not 0 <= disk < len(vm.disks):
             raise BadRequest(f"VM {vm.name} has no disk {disk}")
+        if isinstance(vm, ImageVM):
+            try:
+                self._image_write(vm, disk, offset, data)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from exc
+            except ImageDiskError as exc:
+                raise Conflict(str(exc)) from exc
+            return False
         try:
             return self.io.write(vm, vm.disks[disk], offset, len(data),
                                  lambda view: view.__setitem__(slice(None), data))
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
 
-    def _vm(self, vm_uuid: str) -> VMRuntime:
-        vm = self.io.vms.get(vm_uuid)
+    def rebase(self, vm_uuid: str, disk: int, path: str) -> dict:
+        """Switch an image-backed disk to the plain file ``path`` (after the image's commit), VM running.
+
+        Once no disk of the VM is image-backed, the VM joins the IO path: mirrored from then on.
+        """
+        with self._lock:
+            vm = self._vm(vm_uuid)
+            if not isinstance(vm, ImageVM):
+                raise Conflict(f"VM {vm.name} has no image-backed disk")
+            if not 0 <= disk < len(vm.disks):
+                raise NotFound(f"VM {vm.name} has no disk {disk}")
+            if vm.disks[disk].spec is None:
+                raise Conflict(f"disk {disk} of VM {vm.name} is a plain file already")
+            try:
+                vm.disks[disk].rebase(path)
+            except (ImageDiskError, OSError) as exc:
+                raise BadRequest(f"rebase of disk {disk} of VM {vm.name}: {exc}") from exc
+            log.info("VM %s disk %d rebased onto %s", vm.name, disk, path)
+            if all(d.spec is None for d in vm.disks):
+                self._join_io_path(vm)
+            return self.vm_status(vm_uuid)
+
+    def _join_io_path(self, vm: ImageVM) -> None:
+        for d in vm.disks:
+            d.lock.acquire()
+        try:
+            rt = VMRuntime(vm.uuid, vm.name, [Disk(d.index, d.path, d.capacity) for d in vm.disks],
+                           generation=vm.generation, vm_seq=vm.vm_seq)
+            self.io.add_vm(rt, "rebase")
+            del self.image_vms[vm.uuid]
+            for d in vm.disks:
+                d.moved = True          # a guest write waiting for the lock goes through the IO path
+        finally:
+            for d in vm.disks:
+                d.lock.release()
+        vm.close()
+
+    def disk_hash(self, vm_uuid: str, disk: int) -> dict:
+        vm = self._vm(vm_uuid)
+        if not 0 <= disk < len(vm.disks):
+            raise NotFound(f"VM {vm.name} has no disk {disk}")
+        try:
+            return {"sha256": vm.disks[disk].sha256(), "capacity_bytes": vm.disks[disk].capacity}
+        except ImageDiskError as exc:
+            raise Conflict(str(exc)) from exc
+
+    def _image_write(self, vm: ImageVM, disk: int, offset: int, data) -> None:
+        """A guest write of an image VM; after a switch to the IO path, through the IO path."""
+        try:
+            vm.write(disk, offset, data)
+        except DiskMoved:
+            now = self.io.vms[vm.uuid]
+            self.io.write(now, now.disks[disk], offset, len(data),
+                          lambda view: view.__setitem__(slice(None), data))
+
+    def _vm(self, vm_uuid: str) -> VMRuntime | ImageVM:
+        vm = self.io.vms.get(vm_uuid) or self.image_vms.get(vm_uuid)
         if vm is None:
             raise NotFound(f"VM {vm_uuid} is not running on {self.name}")
         return vm
@@ -168,6 +250,11 @@ class Host:
     def vm_status(self, vm_uuid: str) -> dict:
         vm = self._vm(vm_uuid)
         wl = self.workloads.get(vm_uuid)
+        if isinstance(vm, ImageVM):
+            return {"vm": vm.name, "instance_uuid": vm.uuid, "generation": vm.generation,
+                    "vm_seq": vm.vm_seq, "mirrored": False,
+                    "workload": wl.status() if wl else {"state": "stopped"},
+                    "disks": [d.status() for d in vm.disks]}
         return {"vm": vm.name, "instance_uuid": vm.uuid, "generation": vm.generation,
                 "vm_seq": vm.vm_seq,
                 "workload": wl.status() if wl else {"state": "stopped"},
@@ -179,7 +266,7 @@ class Host:
         s = self.io.stats
         ring = self.io.ring
         return {"host": self.name, "site": self.site, "pid": os.getpid(),
-                "vms": [self.vm_status(u) for u in list(self.io.vms)],
+                "vms": [self.vm_status(u) for u in [*self.io.vms, *self.image_vms]],
                 "appliances": [p.status() for p in self.appliances.values()],
                 "mirror": {"attached": self.io.attached, "ring": ring.path,
                            "doorbell": self.doorbell_path, "capacity": ring.capacity,
@@ -240,6 +327,8 @@ class Host:
             wl.stop()
         for proc in list(self.appliances.values()):
             proc.stop()
+        for vm in list(self.image_vms.values()):
+            vm.close()
 
 
 class HTTPError(Exception):
@@ -307,6 +396,17 @@ def create_app(host: Host) -> Flask:
             raise BadRequest(f"write takes disk, offset and base64 data: {exc}") from exc
         return jsonify({"mirrored": host.write(vm_uuid, disk, offset, data)})
 
+    @app.get("/vms/<vm_uuid>/disks/<int:disk>/hash")
+    def disk_hash(vm_uuid, disk):
+        return jsonify(host.disk_hash(vm_uuid, disk))
+
+    @app.post("/vms/<vm_uuid>/disks/<int:disk>/rebase")
+    def rebase(vm_uuid, disk):
+        b = body()
+        if not isinstance(b.get("path"), str) or not b["path"]:
+            raise BadRequest("rebase takes path: the plain file that is the disk now")
+        return jsonify(host.rebase(vm_uuid, disk, b["path"]))
+
     @app.get("/vms/<vm_uuid>/disks/<int:disk>/bitmap")
     def bitmap(vm_uuid, disk):
         d = _disk(vm_uuid, disk)
@@ -320,7 +420,8 @@ def create_app(host: Host) -> Flask:
 
     @app.post("/vms/<vm_uuid>/sync")
     def sync(vm_uuid):
-        host._vm(vm_uuid)
+        if isinstance(host._vm(vm_uuid), ImageVM):
+            raise Conflict(f"VM {vm_uuid} runs on recovery images: it is not mirrored")
         if not host.io.attached:
             raise Conflict(f"no VRA is attached to {host.name}: nothing to sync to")
         return jsonify({"blocks": host.io.sync(vm_uuid)})
@@ -378,6 +479,8 @@ def create_app(host: Host) -> Flask:
 
     def _disk(vm_uuid, disk) -> Disk:
         vm = host._vm(vm_uuid)
+        if isinstance(vm, ImageVM):
+            raise Conflict(f"VM {vm.name} runs on recovery images: no dirty bitmap, no sync")
         if not 0 <= disk < len(vm.disks):
             raise NotFound(f"VM {vm.name} has no disk {disk}")
         return vm.disks[disk]

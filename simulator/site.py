@@ -22,6 +22,7 @@ import psutil
 import requests
 
 from . import model
+from . import site_images
 from .iopath import sha256_file
 from .link import Link
 from .procs import spawn, stop_process, wait_for_file
@@ -98,6 +99,7 @@ class Site:
         self.vcenter_url: str | None = None
         self._stop = threading.Event()
         self._watch_stop = threading.Event()
+        self.image_tokens = site_images.ImageTokens(self.dir / "image-tokens.json")
 
     # -- persistence and lookup ------------------------------------------------------
     def save(self):
@@ -162,6 +164,8 @@ class Site:
                  # a restarted host answers where it did before (VRAs keep its address)
                  "port": int(h.url.rsplit(":", 1)[1]) if h.url else 0}
         Path(state["port_file"]).unlink(missing_ok=True)
+        (hdir / "state.json").unlink(missing_ok=True)   # 0600: it may hold VRA tokens (image disks)
+        (hdir / "state.json").touch(0o600)
         (hdir / "state.json").write_text(json.dumps(state))
         h.proc = spawn([sys.executable, "-m", "simulator.host", "--state", str(hdir / "state.json")],
                        hdir / "host.log")
@@ -180,8 +184,10 @@ class Site:
 
     # -- VMs ------------------------------------------------------------------------------
     def _vm_cfg(self, vm: dict) -> dict:
-        return {k: vm[k] for k in ("name", "disks", "generation", "vm_seq", "workload", "image",
-                                   "properties")}
+        cfg = {k: vm[k] for k in ("name", "disks", "generation", "vm_seq", "workload", "image",
+                                  "properties")}
+        cfg["disks"] = site_images.with_tokens(cfg["disks"], self.image_tokens)
+        return cfg
 
     def _power_on(self, vm: dict, reason: str):
         h = self.host(vm["host"])
@@ -200,16 +206,30 @@ class Site:
 
     def create_vm(self, spec: dict) -> dict:
         with self.lock:
+            disks = None
             try:
+                if spec.get("disks") is not None:     # [{capacity?, image?}]: e.g. recovery images
+                    ds = next((d for d in self.inv["datastores"]
+                               if d["name"] == (spec.get("datastore") or self.inv["datastores"][0]["name"])),
+                              self.inv["datastores"][0])
+                    disks = site_images.disk_entries(spec["disks"], ds, self.image_tokens)
                 vm = model.add_vm(self.inv, name=spec.get("name"), host=spec.get("host"),
                                   datastore=spec.get("datastore"), network=spec.get("network"),
                                   vcpus=int(spec.get("vcpus", 1)),
                                   memory_mib=int(spec.get("memory_mib", 1024)),
-                                  disks_mib=[int(x) for x in spec.get("disks_mib", [256])],
+                                  disks_mib=[] if disks else [int(x) for x in spec.get("disks_mib", [256])],
                                   image=spec.get("image"), properties=spec.get("properties"))
+            except LookupError as exc:
+                raise Conflict(str(exc)) from exc
             except (ValueError, TypeError) as exc:
                 raise SiteError(str(exc)) from exc
-            for d in vm["disks"]:
+            if disks:
+                vm_dir = Path(next(d["path"] for d in self.inv["datastores"] if d["name"] == vm["datastore"]))
+                for d in disks:
+                    if not d.get("image"):
+                        d["path"] = str(vm_dir / vm["name"] / f"disk{d['index']}.img")
+                vm["disks"] = disks
+            for d in [d for d in vm["disks"] if d.get("path")]:
                 Path(d["path"]).parent.mkdir(parents=True, exist_ok=True)
                 with open(d["path"], "ab") as f:
                     f.truncate(d["capacity_bytes"])
@@ -230,7 +250,7 @@ class Site:
             if self.vcenter:
                 self.vcenter.delete_vm(vm["name"])
             self.inv["vms"].remove(vm)
-            for d in [] if keep_disks else vm["disks"]:
+            for d in [] if keep_disks else [d for d in vm["disks"] if d.get("path")]:
                 for p in (d["path"], d["path"] + ".cbt"):
                     Path(p).unlink(missing_ok=True)
             self.save()
@@ -340,6 +360,8 @@ class Site:
         if not 0 <= disk < len(vm["disks"]):
             raise NotFound(f"VM {vm['name']} has no disk {disk}")
         d = vm["disks"][disk]
+        if d.get("image"):
+            return self._image_disk_hash(vm, disk)
         paused = False
         if quiesce and vm["power_state"] == "poweredOn" and (vm.get("workload") or {}).get("state") == "running":
             self.host_call(ref, "POST", "/workload", json={"action": "pause"})
@@ -350,6 +372,35 @@ class Site:
         finally:
             if paused:
                 self.host_call(ref, "POST", "/workload", json={"action": "resume"})
+
+    def _image_disk_hash(self, vm: dict, disk: int) -> dict:
+        d = vm["disks"][disk]
+        if vm["power_state"] == "poweredOn":
+            out = self.host_call(vm["name"], "GET", f"/disks/{disk}/hash", timeout=3600)
+        else:
+            try:
+                out = {"sha256": site_images.sha256(d, self.image_tokens)}
+            except site_images.ImageDiskError as exc:
+                raise Conflict(str(exc)) from exc
+        return {"vm": vm["name"], "disk": disk, "sha256": out["sha256"], "capacity_bytes": d["capacity_bytes"]}
+
+    def rebase_disk(self, ref: str, disk: int, path: str) -> dict:
+        """After the image's commit: the disk is the plain file ``path`` from now on (VM keeps running)."""
+        with self.lock:
+            vm = self.vm(ref)
+            if not 0 <= disk < len(vm["disks"]):
+                raise NotFound(f"VM {vm['name']} has no disk {disk}")
+            d = vm["disks"][disk]
+            if not d.get("image"):
+                raise Conflict(f"disk {disk} of VM {vm['name']} is not image-backed")
+            if not os.path.isfile(path):
+                raise SiteError(f"{path} is not a file: rebase onto the replica path the commit reported")
+            if vm["power_state"] == "poweredOn":
+                self.host_call(vm["name"], "POST", f"/disks/{disk}/rebase", json={"path": path})
+            d["path"] = path
+            d.pop("image")
+            self.save()
+            return vm
 
     # -- failures -------------------------------------------------------------------------
     def _host_down(self, h: HostRuntime, state: str):

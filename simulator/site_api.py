@@ -153,6 +153,11 @@ def create_app(site: Site) -> Flask:
     def disk_hash(ref, disk):
         return jsonify(site.disk_hash(ref, disk, request.args.get("quiesce") in ("1", "true")))
 
+    @app.post("/api/vms/<ref>/disks/<int:disk>/rebase")
+    def rebase(ref, disk):
+        from .model import public_vm
+        return jsonify(public_vm(site.rebase_disk(ref, disk, field(body(), "path"))))
+
     @app.get("/api/vms/<ref>/disks/<int:disk>/bitmap")
     def bitmap(ref, disk):
         return jsonify(site.host_call(ref, "GET", f"/disks/{disk}/bitmap"))
