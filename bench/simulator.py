@@ -4,13 +4,20 @@
     .venv/bin/python bench/simulator.py [--quick] [--json] [--disk-mib N] [--seconds S]
 
 For each block size (4 KiB, 64 KiB, 1 MiB; random pattern, random content,
-seeded) the same sequence of writes from ``simulator.workload.Generator`` +
-``Content`` is issued twice, alternately:
+seeded) the same sequence of guest writes from ``simulator.workload.Generator``
++ ``Content`` is issued twice, alternately. In both the guest does the same
+work for each write: it fills a write buffer with its data (one memory copy
+from the prepared content, as a guest filling its page cache would; the same
+``fill`` function on both sides) and then the write is issued:
 
-* raw:      ``IOPath.raw_write`` (a plain ``os.pwrite`` of the content slice to
-            the VM's disk file, no IO filter);
-* mirrored: ``IOPath.write`` with a VRA attached. The VRA is a separate process
-            using ``simulator.mirror.MirrorClient``: it polls every record
+* raw:      the guest's buffer is its own (one buffer, reused, so it stays in
+            the CPU cache), and ``IOPath.raw_write`` is a plain ``os.pwrite`` of
+            it to the VM's disk file, no IO filter;
+* mirrored: ``IOPath.write`` with a VRA attached: the buffer the guest fills is
+            the record's payload in the shared-memory ring, the IO path
+            checksums it, pwrites it to the disk file from the ring and commits
+            it. The VRA is a separate process using
+            ``simulator.mirror.MirrorClient``: it polls every record
             (``RingConsumer.poll`` verifies the XXH3 checksum), checks that the
             host seq grows by one, pwrites WRITE payloads to a replica file, and
             acknowledges after every record it applied.
@@ -19,7 +26,8 @@ The mirrored time runs from the first write until the VRA has acknowledged the
 last record (sustained rate, not just what the guest saw; the guest-visible
 rate is printed as well). Each pair (raw, mirrored) of repetition i uses the
 same seed; repetitions use different seeds, so the replica check at the end
-covers new data. Best of N (3; 1 with --quick) for each side.
+covers new data. Best of N (3; 1 with --quick) for each side; the ratio of
+each pair is printed too, for the spread.
 
 Both files are pre-allocated (fallocate) and read once so that their pages are
 in the page cache, and dirty pages are flushed (sync) before every timed run,
@@ -28,8 +36,9 @@ host default) and the doorbell live in /dev/shm, where the lab puts them.
 
 Also printed, for information: the guest-visible mirrored rate, the share of
 the mirrored run the VRA spent idle (near 0: the VRA is the bottleneck), and a
-"raw + guest copy" rate: raw, but the guest first copies its data into a buffer
-of its own, which is what filling the ring costs the mirrored path.
+"raw, no fill" rate: a plain pwrite straight from the prepared content, the
+guest doing no work at all to produce its data (an upper bound no guest
+reaches), with the mirrored/no-fill ratio.
 """
 from __future__ import annotations
 
@@ -156,11 +165,25 @@ def make_ops(bs: int, n: int, seed: int, capacity: int, content):
     return ops
 
 
-def _copier(src):
+def _filler(src):
+    """The guest's work for one write: fill the buffer it is given with its data."""
     return lambda view: view.__setitem__(slice(None), src)
 
 
-def run_raw(io, disk, ops) -> float:
+def run_raw(io, disk, ops, bs) -> float:
+    """The guest fills its own buffer (one, reused: cache-hot) and writes it, no IO filter."""
+    fills = [(off, _filler(src)) for off, src in ops]
+    raw_write = io.raw_write
+    buf = memoryview(bytearray(bs))
+    t0 = time.perf_counter()
+    for off, fill in fills:
+        fill(buf)
+        raw_write(disk, off, buf)
+    return time.perf_counter() - t0
+
+
+def run_raw_nofill(io, disk, ops) -> float:
+    """Informational: a plain pwrite straight from the prepared content (no guest work at all)."""
     raw_write = io.raw_write
     t0 = time.perf_counter()
     for off, src in ops:
@@ -168,22 +191,9 @@ def run_raw(io, disk, ops) -> float:
     return time.perf_counter() - t0
 
 
-def run_raw_fill(io, disk, ops, bs, arena) -> float:
-    """Raw, but the guest first copies its data into its own buffer (cycling through ``arena``)."""
-    raw_write = io.raw_write
-    slots = len(arena) // bs
-    bufs = [arena[i * bs:(i + 1) * bs] for i in range(slots)]
-    t0 = time.perf_counter()
-    for i, (off, src) in enumerate(ops):
-        buf = bufs[i % slots]
-        buf[:] = src
-        raw_write(disk, off, buf)
-    return time.perf_counter() - t0
-
-
 def run_mirrored(io, vm, disk, ops, bs) -> tuple[float, float]:
     """(guest-visible seconds, seconds until the VRA acknowledged everything)."""
-    fills = [(off, _copier(src)) for off, src in ops]
+    fills = [(off, _filler(src)) for off, src in ops]
     write = io.write
     ring = io.ring
     t0 = time.perf_counter()
@@ -220,8 +230,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--pin", action="store_true",
                     help="pin the host (guest writes) and the VRA to different CPUs")
-    ap.add_argument("--no-fill-baseline", action="store_true",
-                    help="skip the informational raw run in which the guest copies its data first")
+    ap.add_argument("--no-nofill-baseline", action="store_true",
+                    help="skip the informational raw run in which the guest does no work for its data")
+    ap.add_argument("--hot-window-mib", type=float, default=None,
+                    help="the ring producer's hot window (default: simulator.ring.HOT_WINDOW; "
+                         "0: none, the ring is used linearly)")
     args = ap.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else (0.6 if args.quick else 2.0)
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
@@ -298,10 +311,12 @@ def main(argv=None) -> int:
         log(f"VRA attached (pid {proc.pid}); ring {args.ring_mib} MiB in {shm}; best of {repeat}; "
             f"~{seconds:g} s per raw run")
 
+        if args.hot_window_mib is not None:
+            hw = int(args.hot_window_mib * MiB)
+            io.ring.hot_window = hw if 0 < hw <= io.ring.capacity >> 1 else io.ring.capacity
+            io.ring._hot_lag = io.ring.hot_window >> 1
+        log(f"ring hot window {io.ring.hot_window / MiB:g} MiB")
         content = Content(args.seed)
-        # For the informational "raw + guest copy" baseline: guest buffers the size of the ring.
-        arena = memoryview(bytearray(args.ring_mib * MiB))
-        arena[:] = bytes(len(arena))
 
         def vra_stats():
             parent_conn.send("stats")
@@ -316,40 +331,42 @@ def main(argv=None) -> int:
             # Calibrate: how many writes make a raw run of about `seconds`.
             probe = make_ops(bs, max(16, (64 * MiB) // bs), args.seed * 7919 + bs, capacity, content)
             flush()
-            dt = run_raw(io, disk, probe)
+            dt = run_raw(io, disk, probe, bs)
             n = max(16, math.ceil(seconds * len(probe) / max(dt, 1e-6)))
             vra_before = vra_stats()
             bm_before = io.stats.bitmap_writes
             run_mirrored(io, vm, disk, probe, bs)   # warm-up; also keeps the replica in step
             n_probe = len(probe)
             del probe
-            raw_best = mir_best = guest_best = fill_best = 0.0
+            raw_best = mir_best = guest_best = nofill_best = 0.0
             idle_share = 1.0
             bitmap_writes = 0
+            pair_ratios = []
             for i in range(repeat):
                 ops = make_ops(bs, n, args.seed * 1_000_003 + bs * 31 + i, capacity, content)
                 nbytes = n * bs
                 flush()
-                t_raw = run_raw(io, disk, ops)
+                t_raw = run_raw(io, disk, ops, bs)
                 flush()
                 bm0, db0, idle0 = io.stats.bitmap_writes, doorbells[0], vra_stats()["idle_s"]
                 t_guest, t_mir = run_mirrored(io, vm, disk, ops, bs)
                 idle = (vra_stats()["idle_s"] - idle0) / t_mir
                 bitmap_writes += io.stats.bitmap_writes - bm0
-                t_fill = None
-                if not args.no_fill_baseline:
+                t_nofill = None
+                if not args.no_nofill_baseline:
                     flush()
-                    t_fill = run_raw_fill(io, disk, ops, bs, arena)
-                    fill_best = max(fill_best, nbytes / t_fill / 1e6)
+                    t_nofill = run_raw_nofill(io, disk, ops)
+                    nofill_best = max(nofill_best, nbytes / t_nofill / 1e6)
                 raw_best = max(raw_best, nbytes / t_raw / 1e6)
+                pair_ratios.append(t_raw / t_mir)
                 if nbytes / t_mir / 1e6 > mir_best:
                     mir_best, idle_share = nbytes / t_mir / 1e6, idle
                 guest_best = max(guest_best, nbytes / t_guest / 1e6)
                 log(f"  {bs // KiB:>5} KiB run {i + 1}/{repeat}: {n} writes, "
                     f"raw {nbytes / t_raw / 1e6:7.1f} MB/s, mirrored {nbytes / t_mir / 1e6:7.1f} MB/s "
                     f"(guest-visible {nbytes / t_guest / 1e6:7.1f}; VRA idle {idle:4.0%}; "
-                    f"{doorbells[0] - db0} doorbells)"
-                    + (f", raw+guest copy {nbytes / t_fill / 1e6:7.1f} MB/s" if t_fill else ""))
+                    f"{doorbells[0] - db0} doorbells), ratio {t_raw / t_mir:.3f}"
+                    + (f"; raw no fill {nbytes / t_nofill / 1e6:7.1f} MB/s" if t_nofill else ""))
                 del ops
             vra_after = vra_stats()
             applied = vra_after["writes"] - vra_before["writes"]
@@ -363,9 +380,11 @@ def main(argv=None) -> int:
                 "block_size": bs, "writes_per_run": n,
                 "raw_mbps": round(raw_best, 1), "mirrored_mbps": round(mir_best, 1),
                 "mirrored_guest_mbps": round(guest_best, 1),
-                "raw_guest_copy_mbps": round(fill_best, 1) if fill_best else None,
+                "raw_nofill_mbps": round(nofill_best, 1) if nofill_best else None,
                 "vra_idle_share": round(idle_share, 3),
                 "ratio": round(mir_best / raw_best, 3) if raw_best else 0.0,
+                "ratio_nofill": round(mir_best / nofill_best, 3) if nofill_best else None,
+                "pair_ratios": [round(x, 3) for x in pair_ratios],
                 "bitmap_writes": bitmap_writes, "replica_match": match,
                 "vra_applied": applied, "vra_seq_errors": seq_errors,
             }
@@ -379,6 +398,7 @@ def main(argv=None) -> int:
                 log(f"  !!! replica MISMATCH at {bs // KiB} KiB (sha {src_sha[:12]} vs {rep_sha[:12]}, "
                     f"applied {applied} of {mirrored_expected}, seq errors {seq_errors})")
         io_stats = dict(vars(io.stats))
+        hot_window = io.ring.hot_window
     finally:
         if parent_conn is not None:
             try:
@@ -406,6 +426,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"disk_mib": args.disk_mib, "ring_mib": args.ring_mib, "repeat": repeat,
                           "seconds_per_raw_run": seconds, "consumer_ack": "every record",
+                          "hot_window": hot_window,
                           "results": results,
                           "goal": {"block_size": GOAL_BS, "min_ratio": GOAL_RATIO,
                                    "pass": goal_ok},
@@ -413,18 +434,23 @@ def main(argv=None) -> int:
                           "elapsed_s": round(elapsed, 1), "loadavg_1min_before_after": load}))
     else:
         print()
-        print(f"disk {args.disk_mib} MiB, ring {args.ring_mib} MiB, best of {repeat}, "
-              f"VRA in a separate process acking every record")
-        print(f"{'block':>7} {'raw MB/s':>10} {'mirrored MB/s':>14} {'ratio':>6} {'bitmap writes':>14} "
-              f"{'replica':>8} | {'guest-visible':>13} {'VRA idle':>8} {'raw+copy MB/s':>13}")
+        print(f"disk {args.disk_mib} MiB, ring {args.ring_mib} MiB (hot window "
+              f"{hot_window / MiB:g} MiB), best of {repeat}, VRA in a separate process acking every record")
+        print(f"{'block':>7} {'raw MB/s':>10} {'mirrored MB/s':>14} {'ratio':>6} {'pairs min-max':>14} "
+              f"{'bitmap writes':>14} {'replica':>8} | {'guest-visible':>13} {'VRA idle':>8} "
+              f"{'raw no fill':>11} {'ratio':>6}")
         for r in results.values():
-            fill = r["raw_guest_copy_mbps"]
+            nofill = r["raw_nofill_mbps"]
+            pr = r["pair_ratios"]
             print(f"{r['block_size'] // KiB:>4} KiB {r['raw_mbps']:>10.1f} {r['mirrored_mbps']:>14.1f} "
-                  f"{r['ratio']:>6.3f} {r['bitmap_writes']:>14} "
+                  f"{r['ratio']:>6.3f} {f'{min(pr):.3f}-{max(pr):.3f}':>14} {r['bitmap_writes']:>14} "
                   f"{'OK' if r['replica_match'] else 'MISMATCH':>8} | {r['mirrored_guest_mbps']:>13.1f} "
-                  f"{r['vra_idle_share']:>8.0%} {fill if fill else '-':>13}")
-        print("(guest-visible: until the last write returned; mirrored: until the VRA acked it. "
-              "raw+copy: raw, but the guest copies its data into its own buffer first: informational)")
+                  f"{r['vra_idle_share']:>8.0%} {nofill if nofill else '-':>11} "
+                  f"{r['ratio_nofill'] if nofill else '-':>6}")
+        print("(both sides: the guest fills a buffer with its data, then writes it; raw: its own buffer "
+              "and a plain pwrite; mirrored: the ring slot, until the VRA acked it. guest-visible: until "
+              "the last mirrored write returned. raw no fill: pwrite straight from the prepared content, "
+              "the guest doing no work: informational)")
         if any(r["bitmap_writes"] for r in results.values()):
             print("!!! some mirrored runs fell back to the dirty bitmap: those figures do not count !!!")
         print(f"max ring stall {io_stats['max_stall_ms']:.2f} ms; elapsed {elapsed:.1f} s; "
