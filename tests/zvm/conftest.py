@@ -3,9 +3,11 @@
     def test_x(zvms):                    # site name -> a started ZVMProcess (module scope)
         a, b = zvms["site-a"], zvms["site-b"]
 
-``zvm_lab`` is the lab (3 sites of 2 hosts, site-a with 2 VMs of 16 MiB, no workload; module
-scope); ``start_zvm(name, **settings)`` starts one more ZVM for a lab site (stopped at the end
-of the module). Tests leave the ZVMs unpaired and without VRAs when they end.
+``zvm_lab`` is the lab (module scope; by default 2 sites of 2 hosts, site-a with 2 VMs of 16 MiB,
+no workload; a test module may set ``LAB = {"sites": 3, "hosts": 1}`` to change that), and
+``zvms`` a started ZVM for each of its sites (or those a module names in ``ZVM_SITES``).
+``start_zvm(name, **settings)`` starts one more ZVM for a lab site (stopped at the end of the
+module). Tests leave the ZVMs unpaired and without VRAs when they end.
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ def lab_site(lab: Lab, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def zvm_lab(tmp_path_factory):
+def zvm_lab(request, tmp_path_factory):
     lab = Lab(tmp_path_factory.mktemp("zvm") / "lab")
+    shape = {"sites": 2, "hosts": 2, "vms": 2, **getattr(request.module, "LAB", {})}
     try:
-        lab.up(sites=3, hosts=2, vms=2, disk_mib=16, workload=False)
+        lab.up(disk_mib=16, workload=False, **shape)
         yield lab
     finally:
         lab.down()
@@ -55,5 +58,7 @@ def start_zvm(zvm_lab, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def zvms(start_zvm):
-    return {name: start_zvm(name) for name in ("site-a", "site-b")}
+def zvms(request, zvm_lab, start_zvm):
+    names = getattr(request.module, "ZVM_SITES", None) or \
+        [s["name"] for s in zvm_lab.status()["sites"]][:2]
+    return {name: start_zvm(name) for name in names}

@@ -7,6 +7,9 @@ import requests
 
 from waiting import wait_until
 
+LAB = {"sites": 1, "hosts": 2}
+ZVM_SITES = ["site-a"]
+
 
 def inventory(z, what):
     return z.ok("GET", f"/v1/virtualizationsites/{z.site_id()}/{what}")
@@ -40,7 +43,7 @@ def vra_status(z, vra):
 def test_vra_lifecycle(zvm_lab, zvms):
     a = zvms["site-a"]
     hosts = inventory(a, "hosts")
-    assert len(hosts) == 2
+    assert [h["VirtualizationHostName"] for h in hosts] == ["site-a-h0", "site-a-h1"]
     tids = [a.ok("POST", "/v1/vras", json=install_body(a, h)) for h in hosts]
     for tid in tids:
         a.wait_task(tid, timeout=180)
@@ -91,3 +94,25 @@ def test_vra_lifecycle(zvm_lab, zvms):
     for v in a.ok("GET", "/v1/vras"):
         a.wait_task(a.ok("DELETE", f"/v1/vras/{v['VraIdentifier']}"), timeout=120)
     assert a.ok("GET", "/v1/vras") == []
+
+
+def test_inventory_changes_noticed(zvm_lab, zvms):
+    """A vMotion, a new, a renamed and a deleted VM are events within 5 s."""
+    a = zvms["site-a"]
+
+    def events(kind):
+        return [e["Description"] for e in a.ok("GET", "/v1/events")
+                if e["EventTypeName"] == kind]
+
+    vm = inventory(a, "vms")[0]
+    dest = "site-a-h1" if vm["OwningHostName"] == "site-a-h0" else "site-a-h0"
+    zvm_lab.vmotion(vm["VmName"], dest)
+    wait_until(lambda: any(vm["VmName"] in d for d in events("VmMoved")), 5, 0.2, "VmMoved")
+    moved = {v["VmName"]: v for v in inventory(a, "vms")}[vm["VmName"]]
+    assert moved["OwningHostName"] == dest
+    zvm_lab.api("site-a", "POST", "/api/vms", json={"name": "zvm-test-new", "disks_mib": [1]})
+    wait_until(lambda: any("zvm-test-new" in d for d in events("VmAdded")), 5, 0.2, "VmAdded")
+    zvm_lab.api("site-a", "POST", "/api/vms/zvm-test-new/rename", json={"name": "zvm-test-2"})
+    wait_until(lambda: any("zvm-test-2" in d for d in events("VmRenamed")), 5, 0.2, "VmRenamed")
+    zvm_lab.api("site-a", "DELETE", "/api/vms/zvm-test-2")
+    wait_until(lambda: any("zvm-test-2" in d for d in events("VmRemoved")), 5, 0.2, "VmRemoved")

@@ -105,6 +105,7 @@ class ZVMProcess:
             return False
 
     def stop(self, timeout: float = 15) -> None:
+        self.http.close()               # no idle keep-alive connection for gunicorn to wait for
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -113,7 +114,6 @@ class ZVMProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         self.proc = None
-        self.http.close()
         if getattr(self, "log", None):
             self.log.close()
 
