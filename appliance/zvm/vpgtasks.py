@@ -62,7 +62,8 @@ class _VpgOp(Operation):
             if cp.get("valid"):
                 break
             if time.monotonic() > deadline:
-                raise Conflict("no valid checkpoint within a minute: is a sync still running?")
+                raise Conflict("no valid checkpoint within a minute (the last one: "
+                               f"{'; '.join(cp.get('problems') or []) or 'not valid'})")
             time.sleep(0.5)
         while not any(c["id"] == cp["id"] for c in self.vpgs.checkpoints(self.vpg())):
             if time.monotonic() > deadline:
