@@ -198,6 +198,9 @@ class ProtectedSide:
         self.senders: dict[str, Sender] = {}
         self.vm_vpg: dict[bytes, str] = {}
         self.markers: dict[str, int] = {}           # VPG -> last barrier routed
+        # VPG -> times it was unprotected in this epoch: a VPG protected again streams as a new
+        # source (``name/epoch.n``), so its records are not taken for ones already durable
+        self.restarts: dict[str, int] = {}
         self.tokens: collections.deque[Token] = collections.deque()
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
@@ -209,6 +212,10 @@ class ProtectedSide:
     @property
     def source(self) -> str:
         return f"{self.name}/{self.epoch}"
+
+    def source_for(self, vpg: str) -> str:
+        n = self.restarts.get(vpg, 0)
+        return self.source + (f".{n}" if n else "")
 
     def start(self):
         self.thread.start()
@@ -233,6 +240,7 @@ class ProtectedSide:
             if old and vpg in self.senders and (old["target"], old["compress"], old["token"]) != \
                     (tuple(target), compress, token):
                 self.senders.pop(vpg).stop()
+                self.restarts[vpg] = self.restarts.get(vpg, 0) + 1
             for u in list(self.vm_vpg):
                 if self.vm_vpg[u] == vpg:
                     del self.vm_vpg[u]
@@ -241,7 +249,7 @@ class ProtectedSide:
             if vpg in self.senders:
                 self.senders[vpg].weight = PRIORITY_WEIGHTS[priority]
             else:
-                s = Sender(vpg, self.source, target, token, compress, self.tls, self._advance,
+                s = Sender(vpg, self.source_for(vpg), target, token, compress, self.tls, self._advance,
                            self.throttle, priority)
                 self.senders[vpg] = s
                 s.start()
@@ -251,6 +259,8 @@ class ProtectedSide:
             self.vpgs.pop(vpg, None)
             self.vm_vpg = {u: v for u, v in self.vm_vpg.items() if v != vpg}
             s = self.senders.pop(vpg, None)
+            if s:
+                self.restarts[vpg] = self.restarts.get(vpg, 0) + 1
         if s:
             s.stop()
 
@@ -285,7 +295,7 @@ class ProtectedSide:
             s.stop()
         with self.lock:
             for vpg, cfg in self.vpgs.items():
-                s = Sender(vpg, self.source, cfg["target"], cfg["token"], cfg["compress"], self.tls,
+                s = Sender(vpg, self.source_for(vpg), cfg["target"], cfg["token"], cfg["compress"], self.tls,
                            self._advance, self.throttle, cfg["priority"])
                 self.senders[vpg] = s
                 s.start()
