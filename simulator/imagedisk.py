@@ -2,8 +2,9 @@
 
 A recovered VM (failover test, failover, move, clone, restore) starts at once on a host of the
 recovery site: each of its disks reads and writes a disk of a VRA image set
-(docs/vra.md, "Recovery images") over the VRA's control API, with HTTP keep-alive and an
-XXH3 checksum on every body. Nothing is copied before the VM runs, whatever the disk size.
+(docs/vra.md, "Recovery images") over the VRA's image IO protocol (TCP, checksummed frames,
+docs/FORMAT.md), one connection per disk, found through the VRA's control API. Nothing is
+copied before the VM runs, whatever the disk size.
 
     image ──rebase(path)──> file       after the image set was committed, the replica file
                                        IS the disk: the host switches to it without stopping
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -27,7 +29,11 @@ from dataclasses import dataclass
 import requests
 import xxhash
 
+from appliance.vra import image_io as P
+from appliance.vra import wire
+
 RETRY_S = 60.0            # how long guest IO waits for an unreachable VRA before it fails
+IO_CHUNK = 16 << 20       # most bytes one IREAD or IWRITE frame moves
 HASH_STEP = 4 << 20
 SPEC_FIELDS = ("url", "image", "vm", "disk")
 
@@ -72,7 +78,9 @@ class ImageSpec:
 
 
 class ImageClient:
-    """Reads and writes of one image disk over the VRA's control API (one keep-alive session)."""
+    """One image disk: reads and writes over the image IO protocol, the rest over the control API.
+
+    Not thread-safe: ``ImageDisk`` serialises the calls."""
 
     def __init__(self, spec: ImageSpec, retry_s: float = RETRY_S, closed: threading.Event | None = None):
         self.spec = spec
@@ -80,14 +88,72 @@ class ImageClient:
         self.closed = closed or threading.Event()
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {spec.token}"
+        self.sock: socket.socket | None = None
         self.retries = 0
 
-    def _call(self, method: str, path: str, **kw) -> requests.Response:
+    # -- the image IO protocol ------------------------------------------------------------
+    def _connect(self) -> None:
+        info = self._call("GET", f"/v1/recovery/images/{self.spec.image}").json()
+        if not info.get("io"):
+            raise ImageDiskError(f"the VRA at {self.spec.url} serves no image IO")
+        sock = socket.create_connection((info["io"]["host"], int(info["io"]["port"])), timeout=10)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            wire.send(sock, wire.encode_json(P.IHELLO, {"token": self.spec.token, "image": self.spec.image,
+                                                        "vm": self.spec.vm, "disk": self.spec.disk}))
+            ftype, payload = wire.recv(sock)
+            if ftype == P.IERROR:
+                status, msg = P.decode_error(payload)
+                raise ImageDiskError(f"VRA: {msg} ({status})")
+            if ftype != P.IWELCOME:
+                raise wire.WireError(f"expected IWELCOME, got frame type {ftype}")
+            sock.settimeout(30)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+    def _drop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _io(self, frame: list, want: int) -> bytes:
+        """Send one request, its answer's payload; reconnects and retries within ``retry_s``."""
         deadline = time.monotonic() + self.retry_s
         delay = 0.05
         while True:
             try:
-                r = self.session.request(method, self.spec.url + path, timeout=30, **kw)
+                if self.sock is None:
+                    self._connect()
+                wire.send(self.sock, frame)
+                ftype, payload = wire.recv(self.sock)
+                if ftype == want:
+                    return payload
+                if ftype != P.IERROR:
+                    raise wire.WireError(f"expected frame type {want}, got {ftype}")
+                status, msg = P.decode_error(payload)
+                if status != 409 or "being committed" not in msg:
+                    raise ImageDiskError(f"VRA: {msg} ({status})")
+                why = msg
+            except (OSError, ConnectionError, wire.WireError) as exc:
+                why = f"image IO failed ({type(exc).__name__}: {exc})"
+                self._drop()
+            if self.closed.is_set():
+                raise ImageDiskError(f"disk closed while {why}")
+            if time.monotonic() + delay > deadline:
+                raise ImageDiskError(f"{why}; gave up after {self.retry_s:.0f} s")
+            self.retries += 1
+            self.closed.wait(delay)
+            delay = min(delay * 2, 0.5)
+
+    def _call(self, method: str, path: str, timeout: float = 30, session=None, **kw) -> requests.Response:
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.05
+        session = session or self.session
+        while True:
+            try:
+                r = session.request(method, self.spec.url + path, timeout=timeout, **kw)
                 if r.status_code < 400:
                     if method == "GET" and "X-Tidemark-XXH3" in r.headers and \
                             xxhash.xxh3_64_hexdigest(r.content) != r.headers["X-Tidemark-XXH3"]:
@@ -100,7 +166,7 @@ class ImageClient:
                     raise ImageDiskError(_detail(r))
             except requests.RequestException as exc:
                 why = f"VRA unreachable ({type(exc).__name__})"
-                self.session.close()          # a fresh connection next time
+                session.close()               # a fresh connection next time
             if self.closed.is_set():
                 raise ImageDiskError(f"disk closed while {why}")
             if time.monotonic() + delay > deadline:
@@ -118,18 +184,39 @@ class ImageClient:
         return {**s, "capacity": d["capacity"]}
 
     def read(self, offset: int, length: int) -> bytes:
-        data = self._call("GET", self.spec.path, params={"offset": offset, "length": length}).content
-        if len(data) != length:
-            raise ImageDiskError(f"asked {length} bytes at {offset}, got {len(data)}")
-        return data
+        parts = []
+        for o in range(offset, offset + length, IO_CHUNK):
+            n = min(IO_CHUNK, offset + length - o)
+            data = self._io(wire.encode(P.IREAD, P.READ.pack(o, n)), P.IDATA)
+            if len(data) != n:
+                raise ImageDiskError(f"asked {n} bytes at {o}, got {len(data)}")
+            parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, offset: int, data) -> None:
-        data = bytes(data)
-        self._call("PUT", self.spec.path, params={"offset": offset}, data=data,
-                   headers={"Content-Type": "application/octet-stream",
-                            "X-Tidemark-XXH3": xxhash.xxh3_64_hexdigest(data)})
+        view = memoryview(data).cast("B")
+        for o in range(0, len(view), IO_CHUNK):
+            chunk = view[o:o + IO_CHUNK]
+            self._io(wire.encode(P.IWRITE, P.WRITE.pack(offset + o) + chunk), P.IDONE)
+
+    def sha256(self) -> str:
+        """Computed by the VRA: every write of the disk goes there, so it is what the VM sees.
+        Its own session, so that guest IO goes on meanwhile."""
+        with requests.Session() as s:
+            s.headers.update(self.session.headers)
+            return self._call("GET", self.spec.path + "/hash", timeout=3600, session=s).json()["sha256"]
+
+    def abort(self) -> None:
+        """Wake a request waiting on the socket (from another thread, before ``close``)."""
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
+        self._drop()
         self.session.close()
 
 
@@ -192,6 +279,10 @@ class ImageDisk:
             self.backing.write(offset, data)
 
     def sha256(self) -> str:
+        if self.moved:
+            raise DiskMoved()
+        if self.spec:
+            return self.backing.sha256()
         h = hashlib.sha256()
         for off in range(0, self.capacity, HASH_STEP):
             h.update(self.read(off, min(HASH_STEP, self.capacity - off)))
@@ -214,6 +305,8 @@ class ImageDisk:
 
     def close(self) -> None:
         self._closed.set()
+        if isinstance(self.backing, ImageClient):
+            self.backing.abort()
         with self.lock:
             self.backing.close()
 

@@ -113,6 +113,7 @@ class ImageRegistry:
         self.j = journal
         self.root = Path(root)
         self._sets: dict[str, ImageSet] = {}
+        self.io_address: tuple[str, int] | None = None   # the image IO protocol's listener (image_io.py)
         self._lock = threading.Lock()        # the table and registry.json; never held across IO
 
     # -- persistence ------------------------------------------------------------------------
@@ -203,15 +204,26 @@ class ImageRegistry:
         self._save()
         log.info("image set %s of VPG %s at checkpoint %d (%s): %d disks", sid, vpg, cp.id, cp.pos,
                  len(s.slots))
-        return s.public()
+        return self._public(s)
+
+    def _public(self, s: ImageSet) -> dict:
+        out = s.public()
+        if self.io_address:
+            out["io"] = {"host": self.io_address[0], "port": self.io_address[1]}
+        return out
 
     def list(self) -> list[dict]:
         with self._lock:
             sets = list(self._sets.values())
-        return [s.public() for s in sets]
+        return [self._public(s) for s in sets]
 
     def get(self, sid: str) -> dict:
-        return self._set(sid).public()
+        return self._public(self._set(sid))
+
+    def disk_info(self, sid: str, vm: str, disk: int) -> dict:
+        """What an IO client needs to know of one disk (raises UnknownImage)."""
+        s = self._set(sid)
+        return {"capacity": self._slot(sid, vm, disk, 0, 0).capacity, "state": s.state}
 
     def discard(self, sid: str) -> None:
         """Roll back: the overlay is dropped, journal and replica untouched (committed: just forget)."""
@@ -226,7 +238,7 @@ class ImageRegistry:
         """Promote: each disk's replica becomes its image content; the VPG's journal is dropped."""
         s = self._set(sid)
         if s.state == "committed":
-            return s.public()
+            return self._public(s)
         if s.state not in ("open", "committing"):    # committing: a failed commit, tried again
             raise ImageConflict(f"image set {sid} is {s.state}: {s.error or 'it cannot be committed'}")
         s.state = "committing"
@@ -242,7 +254,7 @@ class ImageRegistry:
             raise
         self._save()
         log.info("image set %s of VPG %s committed at checkpoint %d", sid, s.vpg, s.checkpoint.id)
-        return s.public()
+        return self._public(s)
 
     def _commit(self, s: ImageSet) -> None:
         for slot in s.slots.values():

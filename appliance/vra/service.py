@@ -49,6 +49,7 @@ class VRA:
         self.journal = None
         self.receiver = None
         self.images = None
+        self.image_io = None
         if cfg.journal_path:
             from appliance.dss import Journal
             self.journal = Journal(cfg.journal_path, sync=cfg.journal_sync)
@@ -59,6 +60,9 @@ class VRA:
             self.images = ImageRegistry(self.journal, str(Path(cfg.state_dir) / "images" if cfg.state_dir
                                                           else Path(cfg.journal_path + ".images")))
             self.images.resume()
+            from .image_io import ImageIOServer
+            self.image_io = ImageIOServer(self.images, cfg.token, cfg.listen_host)
+            self.images.io_address = self.image_io.address
         self.coordinators = {}
         self._stop = threading.Event()
         self.syncs = 0
@@ -290,6 +294,8 @@ class VRA:
                 threading.Thread(target=self._sync_loop, name="bitmap-sync", daemon=True).start()
         if self.receiver:
             self.receiver.start()
+        if self.image_io:
+            self.image_io.start()
 
     def sync_dirty(self) -> int:
         """Bitmap sync of every protected VM on the host that has dirty blocks, through the ring.
@@ -330,6 +336,8 @@ class VRA:
             self.protected.stop()
         if self.receiver:
             self.receiver.stop()
+        if self.image_io:
+            self.image_io.stop()
         if self.images:
             self.images.close()
         if self.journal:

@@ -8,12 +8,15 @@ to the replica file while running) with a recovery VRA restart under the running
 import base64
 import hashlib
 import random
+import socket
 import threading
 import time
 
 import pytest
 import requests
 
+from appliance.vra import image_io as P
+from appliance.vra import wire
 from simulator.lab import LabError
 from test_replication import H, TOKEN, VPG, check_images, replication, valid_cut, wait_until, workloads
 
@@ -209,6 +212,23 @@ def _bad_input_is_4xx(lab, rec, img, k, vms):
     assert status("PUT", base, params={"offset": 0}, data=b"x" * 10, headers={"X-Tidemark-XXH3": "0"}) == 400
     assert status("PUT", base, params={"offset": cap - 1}, data=b"xy") == 400
     assert status("PUT", base, params={"offset": 0, "length": 3}, data=b"xy") == 400
+    # the binary image IO protocol: token checked, bad requests answered with an error frame
+    io = (img["io"]["host"], img["io"]["port"])
+    for hello, code in (({"token": "nope", "image": img["image"], "vm": vm0, "disk": 0}, 401),
+                        ({"token": TOKEN, "image": "img-nope", "vm": vm0, "disk": 0}, 404),
+                        ({"token": TOKEN, "image": img["image"]}, 400)):
+        with socket.create_connection(io, timeout=10) as c:
+            wire.send(c, wire.encode_json(P.IHELLO, hello))
+            ftype, payload = wire.recv(c)
+            assert ftype == P.IERROR and P.decode_error(payload)[0] == code
+    with socket.create_connection(io, timeout=10) as c:
+        wire.send(c, wire.encode_json(P.IHELLO, {"token": TOKEN, "image": img["image"], "vm": vm0, "disk": 0}))
+        assert wire.recv_json(c, P.IWELCOME)["capacity"] == cap
+        wire.send(c, wire.encode(P.IREAD, P.READ.pack(cap - 4096, 8192)))
+        ftype, payload = wire.recv(c)
+        assert ftype == P.IERROR and P.decode_error(payload)[0] == 400
+        wire.send(c, wire.encode(P.IREAD, P.READ.pack(cap - 4096, 4096)))   # still usable
+        assert wire.recv(c) == (P.IDATA, bytes(_read_image(rec, img["image"], vm0, 0, cap)[-4096:]))
     # the simulator refuses disks of unknown images, tokenless specs and bad capacities
     spec = {"url": rec.url, "token": TOKEN, "image": img["image"], "vm": vm0, "disk": 0}
     for disks, code in (([{"image": {**spec, "image": "img-nope"}}], "409"),
