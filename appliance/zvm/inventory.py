@@ -89,7 +89,9 @@ class InventoryService:
         return changes
 
     def on_start(self) -> None:
-        self.zvm.jobs.add("inventory", self.zvm.cfg.inventory_interval_s, self.sync)
+        hv = self.zvm.cfg.hypervisor
+        if hv.get("url") or hv.get("host"):     # nothing to follow before one is configured
+            self.zvm.jobs.add("inventory", self.zvm.cfg.inventory_interval_s, self.sync)
 
     # -- native shapes of this site's inventory
     def site_api(self) -> dict:
