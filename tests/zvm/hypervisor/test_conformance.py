@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from appliance.zvm.hypervisor import (AuthenticationFailed, Change, DiskSpec, Hypervisor, InvalidSpec,
-                                      NicSpec, NotFound, Unreachable, VMSpec, connect)
+                                      NicSpec, NotFound, RecoveryImage, Unreachable, VMSpec, connect)
 from simulator.lab import Lab
 from waiting import wait_until
 
@@ -337,3 +337,43 @@ def test_deploy_appliance_starts_a_vra(env, tmp_path):
             return True
         return False
     wait_until(down, 15, what="the VRA process to stop")
+
+
+def test_vm_on_a_vra_recovery_image(env, tmp_path):
+    """A recovered VM whose disk is a recovery VRA's image of site-a-vm0 at a checkpoint."""
+    from vra.test_replication import TOKEN, VPG, VRAProc, valid_cut
+    hv, src = env.hv, env.sim_vm("site-a-vm0")
+    host = env.sim(f"/api/hosts/{src['host']}")
+    rec = VRAProc(tmp_path, "vra-rec", journal_path=str(tmp_path / "journal"))
+    prot = None
+    try:
+        rec.call("PUT", f"/v1/recovery/vpgs/{VPG}", json={"replica_dir": str(tmp_path / "replicas"), "disks": [
+            {"vm": src["instance_uuid"], "disk": 0, "capacity": src["disks"][0]["capacity_bytes"]}]})
+        prot = VRAProc(tmp_path, "vra-prot", doorbell=host["mirror"]["doorbell"], host_url=host["url"])
+        prot.call("PUT", f"/v1/protected/vpgs/{VPG}", json={
+            "vms": [src["instance_uuid"]], "target_host": rec.replication[0],
+            "target_port": rec.replication[1], "leader": True, "participants": {prot.name: prot.url},
+            "interval_s": 0, "recovery_url": rec.url})
+        env.sim("/api/vms/site-a-vm0/write", "POST", json={"disk": 0, "offset": 8192, "data": "cmVjb3Zlcg=="})
+        k = valid_cut(prot, timeout=30)["id"]
+        wait_until(lambda: k in {c["id"] for c in rec.call("GET", f"/v1/recovery/vpgs/{VPG}/checkpoints")},
+                   30, what=f"checkpoint {k} to become recoverable")
+        img = rec.call("POST", f"/v1/recovery/vpgs/{VPG}/images", json={"checkpoint": k})
+        image = RecoveryImage(url=rec.url, token=TOKEN, image=img["image"], vm=src["instance_uuid"], disk=0)
+        vm = hv.create_vm(VMSpec(name="zvm-on-image", host_id=env.host_id("site-a-h1"),
+                                 datastore_id=env.ds_id("site-a-ds1"), power_on=True,
+                                 nics=[NicSpec(env.net_id("site-a-test"))],
+                                 disks=[DiskSpec(capacity_bytes=src["disks"][0]["capacity_bytes"],
+                                                 recovery_image=image)]))
+        assert TOKEN not in repr(vm) and vm.power_state == "poweredOn"
+        sim = wait_until(lambda: (v := env.sim_vm("zvm-on-image")) and v["power_state"] == "poweredOn" and v,
+                         NOTICE_S, what="the data path to run the VM on the image")
+        assert sim["disks"][0]["image"]["image"] == img["image"]
+        want = env.sim("/api/vms/site-a-vm0/disks/0/hash")["sha256"]
+        assert env.sim("/api/vms/zvm-on-image/disks/0/hash")["sha256"] == want   # the source at the cut
+        hv.delete_vm(vm.id)
+        wait_until(lambda: env.sim_vm("zvm-on-image") is None, NOTICE_S, what="the VM to go")
+    finally:
+        if prot is not None:
+            prot.stop()
+        rec.stop()
