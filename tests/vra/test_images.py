@@ -11,6 +11,7 @@ import random
 import socket
 import threading
 import time
+import uuid
 
 import pytest
 import requests
@@ -42,8 +43,8 @@ def _image_vm(lab, rec, img, vm, name, **kw):
                                                        "disks": disks, "power_on": True, **kw})
 
 
-def _write(lab, vm, offset, data, disk=0):
-    return lab.api("site-b", "POST", f"/api/vms/{vm}/write",
+def _write(lab, vm, offset, data, disk=0, site="site-b"):
+    return lab.api(site, "POST", f"/api/vms/{vm}/write",
                    json={"disk": disk, "offset": offset, "data": base64.b64encode(data).decode()})
 
 
@@ -241,3 +242,47 @@ def _bad_input_is_4xx(lab, rec, img, k, vms):
     r = requests.post(lab.controller_url("site-b") + "/api/vms",
                       json={"host": "site-b-h0", "disks": [{"image": {**spec, "image": "img-nope"}}]}, timeout=30)
     assert r.status_code == 409 and r.json()["status"] == 409
+
+
+def test_ten_vms_start_on_4_gib_images_within_10_s(tmp_path):
+    """Opening images and starting VMs on them reads no disk data: 10 VMs of 4 GiB start at once."""
+    from appliance.dss import Checkpoint, Entry, Journal, JournalSettings, Pos
+    from simulator.lab import Lab
+    from test_replication import VRAProc
+    cap = 4 << 30
+    vms = [str(uuid.uuid4()) for _ in range(10)]
+    with Journal(str(tmp_path / "journal"), sync=False) as j:     # a VPG with history, written directly
+        j.create_vpg(VPG, JournalSettings(replica_dir=str(tmp_path / "replicas")))
+        for vm in vms:
+            j.register_disk(VPG, vm, 0, cap)
+        rnd = random.Random(1)
+        entries = [Entry(Pos(1, i + 1), vms[i % 10], 0, rnd.randrange(cap >> 12) << 12, rnd.randbytes(8192))
+                   for i in range(100)]
+        j.append(VPG, entries, [Checkpoint(1, Pos(1, 100), time.time())])
+    lab = Lab(tmp_path / "lab")
+    lab.up(sites=1, hosts=1, vms=0, workload=False, ring_mib=16)
+    rec = None
+    try:
+        rec = VRAProc(tmp_path, "vra-rec", journal_path=str(tmp_path / "journal"))
+        t0 = time.monotonic()
+        img = rec.call("POST", f"/v1/recovery/vpgs/{VPG}/images", json={"checkpoint": 1})
+        for i, d in enumerate(img["disks"]):
+            spec = {"url": rec.url, "token": TOKEN, "image": img["image"], "vm": d["vm"], "disk": 0}
+            lab.api("site-a", "POST", "/api/vms", json={"name": f"big-{i}", "disks": [{"image": spec}],
+                                                        "power_on": True})
+        took = time.monotonic() - t0
+        print(f"10 VMs on 4 GiB images started in {took:.2f} s")
+        assert took < 10, f"10 VMs on 4 GiB images took {took:.1f} s to start"
+        e = entries[37]                                          # the VM reads its disk at the checkpoint
+        host_url = lab.api("site-a", "GET", "/api/hosts/site-a-h0")["url"]
+        st = requests.get(host_url + "/status", timeout=10).json()
+        assert len(st["vms"]) == 10 and all(v["disks"][0]["capacity_bytes"] == cap for v in st["vms"])
+        name = f"big-{[d['vm'] for d in img['disks']].index(e.vm)}"
+        _write(lab, name, e.offset + 8192, b"z" * 4096, site="site-a")
+        got = requests.get(f"{rec.url}/v1/recovery/images/{img['image']}/disks/{e.vm}/0", headers=H,
+                           params={"offset": e.offset, "length": 12288}, timeout=10).content
+        assert got == e.data + b"z" * 4096
+    finally:
+        if rec is not None:
+            rec.stop()
+        lab.down()
