@@ -55,10 +55,13 @@ def disk_entries(disks, datastore: dict, tokens: ImageTokens) -> list[dict]:
         entry = {"index": i, "path": None, "datastore": datastore["name"]}
         if d.get("image") is not None:
             spec = ImageSpec.from_dict(d["image"])
+            client = ImageClient(spec, retry_s=PROBE_RETRY_S)
             try:
-                have = ImageClient(spec, retry_s=PROBE_RETRY_S).info()["capacity"]
+                have = client.info()["capacity"]
             except ImageDiskError as exc:
                 raise LookupError(f"disk {i}: {exc}") from exc
+            finally:
+                client.close()
             if cap is not None and cap != have:
                 raise ValueError(f"disk {i}: capacity {cap} but the image's disk has {have} bytes")
             cap = have
