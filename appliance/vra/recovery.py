@@ -38,74 +38,206 @@ log = logging.getLogger("tidemark.vra.recovery")
 BARRIER_TIMEOUT = 10.0
 
 
+MAX_GROUP_BYTES = 16 << 20      # a source waits while this much is pending its group commit
+IDLE_EXIT_S = 5.0                # a committer thread with nothing to do for this long exits
+
+
+class _Group:
+    """What the next journal append of a VPG makes durable: entries of any sources, checkpoints,
+    and each source's highest seq in it."""
+
+    __slots__ = ("entries", "checkpoints", "progress", "nbytes")
+
+    def __init__(self):
+        self.entries: list[Entry] = []
+        self.checkpoints: list[Checkpoint] = []
+        self.progress: dict[str, int] = {}
+        self.nbytes = 0
+
+    def __bool__(self):
+        return bool(self.entries or self.checkpoints or self.progress)
+
+
 class VPGTarget:
-    """The merge state of one VPG on its recovery VRA."""
+    """The merge state of one VPG on its recovery VRA, and its group commit.
+
+    Connection threads (one per source) assign positions to their records in arrival order
+    and add them to the pending group; one committer thread appends the whole group to the
+    journal (one WAL fsync for all of it) and then acknowledges each source that had records
+    in it. While an append is being fsynced the next group fills, so under load a group holds
+    several network batches of several sources (docs/FORMAT.md, "Append and durability").
+    """
 
     def __init__(self, journal, vpg: str):
         self.journal = journal
         self.vpg = vpg
-        self.cond = threading.Condition()
-        self.append_lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)      # group, positions, barriers, acks
         durable = journal.durable_pos(vpg)
-        self.pos = durable or Pos(1, 0)
-        self.progress: dict[str, int] = journal.progress(vpg)
+        self.pos = durable or Pos(1, 0)                  # last position assigned
+        self.progress: dict[str, int] = journal.progress(vpg)     # durable, per source
+        self.accepted: dict[str, int] = dict(self.progress)       # in a group, per source
+        self.group = _Group()
         self.arrived: dict[int, set[str]] = {}     # barrier -> sources that reached it
         self.cut: dict[int, Pos] = {}             # barrier -> position of the cut once complete
         self.abandoned: set[int] = set()
         self.errors: list[str] = []
+        self.links: dict[str, tuple] = {}         # source -> (ack(seq), drop()) of its connection
+        self.appends = 0                          # journal appends (fsyncs) made
+        self._committer: threading.Thread | None = None
+        self._closed = False
 
     # -- called by a source's connection thread -------------------------------------------
     def durable_seq(self, source: str) -> int:
         return self.progress.get(source, 0)
 
+    def attach(self, source: str, ack, drop) -> None:
+        """The source's current connection: where its ACKs go, and how to drop it."""
+        with self.lock:
+            self.links[source] = (ack, drop)
+
+    def detach(self, source: str, ack) -> None:
+        with self.lock:
+            if self.links.get(source, (None,))[0] is ack:
+                del self.links[source]
+
     def handle(self, source: str, recs: list[wire.Rec]) -> int:
-        """Journal a batch of a source; the highest seq now durable for it."""
-        done = self.progress.get(source, 0)
+        """Add a batch of a source to the pending group commit (after the barrier waits its
+        markers need); the highest seq of the source accepted so far. The committer sends
+        the ACK once the group is durable."""
+        with self.lock:
+            done = self.accepted.get(source, 0)
         recs = [r for r in recs if r.seq > done]           # a resend after reconnect
         if recs and recs[0].seq != done + 1:
             raise wire.WireError(f"source {source} skipped from seq {done} to {recs[0].seq}")
         run: list[wire.Rec] = []
         for r in recs:
             if r.kind == wire.R_MARKER:
-                self._append(source, run)
+                self._add(source, run)
                 run = []
                 self._barrier(source, r)
-                self._append(source, [r])                  # records the progress past the marker
+                self._add(source, [r])                     # records the progress past the marker
             elif r.kind == wire.R_COMMIT:
-                self._append(source, run)
+                self._add(source, run)
                 run = []
                 self._commit(source, r)
             else:
                 run.append(r)
-        self._append(source, run)
-        return self.progress.get(source, done)
+        self._add(source, run)
+        with self.lock:
+            accepted = self.accepted.get(source, done)
+            if accepted <= self.progress.get(source, 0):
+                # nothing of it pending (all of it was durable already): acknowledge now
+                link = self.links.get(source)
+                if link is not None:
+                    _call(link[0], self.progress.get(source, 0))
+            return accepted
 
-    def _append(self, source: str, recs: list[wire.Rec]):
-        if not recs:
+    def _entries(self, recs: list[wire.Rec]) -> list[tuple]:
+        out = []
+        for r in recs:
+            if r.kind == wire.R_WRITE:
+                # a view of the frame's own buffer, which nothing reuses: no copy before the journal's
+                out.append((str(uuidlib.UUID(bytes=bytes(r.vm))), r.disk, r.offset, r.data))
+            elif r.kind == wire.R_ZERO:
+                # Journaled as an ordinary entry of zero bytes (simple; the journal has no
+                # zero-entry record): the WAN carried 8 bytes, the journal stores the zeros.
+                if len(r.data) != wire.ZERO_LEN.size:
+                    raise wire.WireError(f"ZERO record {r.seq} carries {len(r.data)} bytes, not 8")
+                (length,) = wire.ZERO_LEN.unpack(bytes(r.data))
+                if not 0 < length <= wire.MAX_FRAME:
+                    raise wire.WireError(f"ZERO record {r.seq} of {length} bytes")
+                out.append((str(uuidlib.UUID(bytes=bytes(r.vm))), r.disk, r.offset, bytes(length)))
+        return out
+
+    def _add(self, source: str, recs: list[wire.Rec], checkpoint: Checkpoint | None = None):
+        """Assign positions to ``recs`` and put them (and ``checkpoint``) in the pending group."""
+        if not recs and checkpoint is None:
             return
-        with self.append_lock:
-            entries = []
+        data = self._entries(recs)
+        nbytes = sum(len(x[3]) for x in data)
+        with self.cond:
+            while self.group.nbytes >= MAX_GROUP_BYTES and not self._closed:
+                self.cond.wait(1.0)                       # backpressure: the journal is behind
+            if self._closed:
+                raise ConnectionError(f"VPG {self.vpg} is no longer received here")
+            seq = recs[-1].seq if recs else None
+            if seq is not None and recs[0].seq != self.accepted.get(source, 0) + 1:
+                # the group this source's earlier records were in failed meanwhile
+                raise wire.WireError(f"source {source}: seq {recs[0].seq} does not follow "
+                                     f"{self.accepted.get(source, 0)}; reconnect")
+            g = self.group
             pos = self.pos
-            for r in recs:
-                if r.kind == wire.R_WRITE:
-                    pos = Pos(pos.generation, pos.lsn + 1)
-                    entries.append(Entry(pos, str(uuidlib.UUID(bytes=bytes(r.vm))), r.disk, r.offset,
-                                         bytes(r.data)))
-                elif r.kind == wire.R_ZERO:
-                    # Journaled as an ordinary entry of zero bytes (simple; the journal has no
-                    # zero-entry record): the WAN carried 8 bytes, the journal stores the zeros.
-                    if len(r.data) != wire.ZERO_LEN.size:
-                        raise wire.WireError(f"ZERO record {r.seq} carries {len(r.data)} bytes, not 8")
-                    (length,) = wire.ZERO_LEN.unpack(bytes(r.data))
-                    if not 0 < length <= wire.MAX_FRAME:
-                        raise wire.WireError(f"ZERO record {r.seq} of {length} bytes")
-                    pos = Pos(pos.generation, pos.lsn + 1)
-                    entries.append(Entry(pos, str(uuidlib.UUID(bytes=bytes(r.vm))), r.disk, r.offset,
-                                         bytes(length)))
-            self.journal.append(self.vpg, entries, progress={source: recs[-1].seq})
+            for vm, disk, offset, payload in data:
+                pos = Pos(pos.generation, pos.lsn + 1)
+                g.entries.append(Entry(pos, vm, disk, offset, payload))
             self.pos = pos
-            self.progress[source] = recs[-1].seq
+            g.nbytes += nbytes
+            if checkpoint is not None:
+                g.checkpoints.append(checkpoint)
+            if seq is not None:
+                g.progress[source] = seq
+                self.accepted[source] = seq
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_loop, name=f"commit-{self.vpg}",
+                                                   daemon=True)
+                self._committer.start()
+            self.cond.notify_all()
 
+    # -- the committer ----------------------------------------------------------------------
+    def _commit_loop(self):
+        while True:
+            with self.cond:
+                idle = time.monotonic() + IDLE_EXIT_S
+                while not self.group and not self._closed:
+                    left = idle - time.monotonic()
+                    if left <= 0:
+                        self._committer = None
+                        return
+                    self.cond.wait(left)
+                if self._closed:
+                    self._committer = None
+                    return
+                g, self.group = self.group, _Group()
+                self.cond.notify_all()                    # sources waiting on a full group
+            try:
+                self.journal.append(self.vpg, g.entries, g.checkpoints, progress=g.progress)
+            except Exception as exc:
+                self._failed(exc)
+                continue
+            with self.cond:
+                self.appends += 1
+                self.progress.update(g.progress)
+                acks = [(self.links.get(s), q) for s, q in g.progress.items()]
+            for link, seq in acks:
+                if link is not None:
+                    _call(link[0], seq)
+
+    def _failed(self, exc: BaseException):
+        """A group did not become durable: forget every pending record and drop every source's
+        connection; each reconnects and resends from what is durable (WELCOME)."""
+        log.error("VPG %s: journal append failed, sources resend from what is durable: %s", self.vpg, exc)
+        with self.cond:
+            self.errors.append(f"journal append: {exc}")
+            del self.errors[:-20]
+            self.group = _Group()
+            try:
+                self.pos = self.journal.durable_pos(self.vpg) or Pos(1, 0)
+            except Exception:             # the VPG was deleted: nothing more is appended anyway
+                self._closed = True
+            self.accepted = dict(self.progress)
+            links = list(self.links.values())
+            self.cond.notify_all()
+        for _ack, drop in links:
+            _call(drop)
+
+    def close(self):
+        """Stop committing (the VPG was dropped or the receiver stops)."""
+        with self.cond:
+            self._closed = True
+            self.cond.notify_all()
+
+    # -- barriers and checkpoints -------------------------------------------------------------
     def _barrier(self, source: str, r: wire.Rec):
         info = json.loads(bytes(r.data))
         k, participants = int(info["checkpoint"]), set(info["participants"])
@@ -115,8 +247,7 @@ class VPGTarget:
                 return
             self.arrived.setdefault(k, set()).add(source.split("/")[0])
             if participants <= self.arrived[k]:
-                with self.append_lock:
-                    self.cut[k] = self.pos
+                self.cut[k] = self.pos
                 self.arrived.pop(k, None)
                 self.cond.notify_all()
                 return
@@ -147,13 +278,18 @@ class VPGTarget:
             for old in [x for x in self.cut if x < k]:
                 self.cut.pop(old)
             self.abandoned = {x for x in self.abandoned if x >= k}   # barriers only grow
-        with self.append_lock:
-            if cut is not None and cut.lsn > 0 and info.get("valid", True):
-                cp = Checkpoint(k, cut, float(info["time"]), info.get("tag"))
-                self.journal.append(self.vpg, [], [cp], progress={source: r.seq})
-            else:
-                self.journal.append(self.vpg, [], progress={source: r.seq})
-            self.progress[source] = r.seq
+        cp = None
+        if cut is not None and cut.lsn > 0 and info.get("valid", True):
+            # The cut's entries are in this group or an earlier one: groups are appended in order.
+            cp = Checkpoint(k, cut, float(info["time"]), info.get("tag"))
+        self._add(source, [r], cp)
+
+
+def _call(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:      # the connection is gone: its thread notices and cleans up
+        log.debug("acknowledgement or drop failed: %s", exc)
 
 
 class Receiver:
@@ -180,6 +316,9 @@ class Receiver:
         self._stop.set()
         self.thread.join(5)
         self.sock.close()
+        with self._lock:
+            for t in self.targets.values():
+                t.close()
         for c in list(self._conns):
             try:
                 c.shutdown(socket.SHUT_RDWR)
@@ -206,6 +345,7 @@ class Receiver:
 
     def _serve(self, conn: socket.socket):
         source = "?"
+        target = acker = None
         try:
             conn.settimeout(30)
             if self.tls is not None:
@@ -222,18 +362,31 @@ class Receiver:
             except KeyError as exc:
                 wire.send(conn, wire.encode_json(wire.ERROR, {"error": str(exc)}))
                 return
-            wire.send(conn, wire.encode_json(wire.WELCOME, {"durable_seq": target.durable_seq(source)}))
+            send_lock = threading.Lock()
+
+            def ack(seq: int, conn=conn):
+                with send_lock:
+                    wire.send(conn, wire.encode_json(wire.ACK, {"durable_seq": seq}))
+
+            def drop(conn=conn):
+                conn.shutdown(socket.SHUT_RDWR)
+
+            target.attach(source, ack, drop)
+            acker = ack
+            with send_lock:
+                wire.send(conn, wire.encode_json(wire.WELCOME, {"durable_seq": target.durable_seq(source)}))
             conn.settimeout(None)
             while not self._stop.is_set():
-                ftype, payload = wire.recv(conn)
+                ftype, payload = wire.recv(conn, copy=False)
                 if ftype != wire.BATCH:
                     raise wire.WireError(f"unexpected frame type {ftype} in a stream")
-                durable = target.handle(source, wire.unpack_batch(payload))
-                wire.send(conn, wire.encode_json(wire.ACK, {"durable_seq": durable}))
+                target.handle(source, wire.unpack_batch(payload))   # ACKed by the committer
         except (ConnectionError, OSError) as exc:
             log.info("source %s disconnected: %s", source, exc)
         except wire.WireError as exc:
             log.error("source %s sent a bad frame, dropping the connection: %s", source, exc)
         finally:
+            if target is not None and acker is not None:
+                target.detach(source, acker)
             self._conns.discard(conn)
             conn.close()

@@ -96,8 +96,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def recv(sock: socket.socket) -> tuple[int, bytes]:
-    """Read one frame: (type, payload decompressed). Raises WireError on any corruption."""
+def recv(sock: socket.socket, copy: bool = True) -> tuple[int, bytes]:
+    """Read one frame: (type, payload decompressed). Raises WireError on any corruption.
+    With ``copy`` False the payload may be a bytearray of the frame's own (no copy into bytes)."""
     head = _recv_exact(sock, FRAME.size)
     magic, version, ftype, flags, length, raw_len, checksum = FRAME.unpack(head)
     if magic != MAGIC:
@@ -116,7 +117,7 @@ def recv(sock: socket.socket) -> tuple[int, bytes]:
             raise WireError(f"lz4 payload does not decompress: {exc}") from exc
     if len(payload) != raw_len:
         raise WireError(f"payload is {len(payload)} bytes, header says {raw_len}")
-    return ftype, bytes(payload) if not isinstance(payload, bytes) else payload
+    return ftype, bytes(payload) if copy and not isinstance(payload, bytes) else payload
 
 
 def recv_json(sock: socket.socket, expect: int) -> dict:
