@@ -1,11 +1,13 @@
 """Point-in-time reads: a disk as it was at position P = replica file + journal entries <= P.
 
-Per 4 KiB block of the range, one reverse seek (``seek_for_prev``) in the index column family
-to ``disk prefix | block | P`` lands on the newest entry <= P that wrote the block, in O(log n).
-An entry that wrote only part of the block does not hide what lies underneath: the walk goes on
-to older entries of the block (``prev``) until the requested bytes are covered or the block's
-index keys end; what is still uncovered comes from the replica. Entries are then applied oldest
-first over the replica bytes.
+One seek in the index column family to ``disk prefix | first block`` and a forward scan to the
+range's last block collect, per 4 KiB block, its index records at or before P (the scan steps
+over records after P). A block with more than SCAN_VERSIONS records is passed by a seek to the
+next block and read by a reverse seek (``seek_for_prev``) to ``disk prefix | block | P`` instead,
+so a hot block costs O(log n), never a walk over its whole history. Per block, versions are
+taken newest first until the requested bytes are covered (an entry that wrote only part of the
+block does not hide what lies underneath); what is still uncovered comes from the replica. The
+entries are fetched in one multi-get and applied oldest first over the replica bytes.
 
 Consistency with a concurrent promotion (which only ever moves the replica up to a position
 <= every pinned read position): the index iterator is created first, the replica read second,
@@ -28,6 +30,8 @@ from .pos import ZERO, Checkpoint, Pos
 from .state import DiskInfo, VpgState
 
 RETRIES = 16
+SCAN_VERSIONS = 16      # versions of one block read by the forward scan before it seeks past them
+_INDEX_TAIL = struct.Struct(">QIQ")
 _Q = struct.Struct(">Q")
 _POS_TAIL = struct.Struct(">IQ")
 _INDEX_VALUE = R.INDEX_VALUE
@@ -75,60 +79,119 @@ def _read_once(index, entries, v: VpgState, d: DiskInfo, offset: int, length: in
     if len(buf) < length:
         buf.extend(bytes(length - len(buf)))            # beyond the file's end: never written
     end = offset + length
-    tail = _POS_TAIL.pack(pos.generation, pos.lsn)
-    prefix = d.prefix
-    seek, valid, key, value, prev = it.seek_for_prev, it.valid, it.key, it.value, it.prev
-    fetched = {}
-    block = offset >> _SHIFT
+    first = offset >> _SHIFT
     last = (end - 1) >> _SHIFT
-    while block <= last:
+    prefix = d.prefix
+    ptail = (pos.generation, pos.lsn)
+    seek, valid, key, value, nxt = it.seek, it.valid, it.key, it.value, it.next
+    # One forward scan over the range's index keys (block, then position order) collects, per
+    # block, its versions at or before ``pos``. A block with more than SCAN_VERSIONS versions
+    # is skipped by a seek to the next block, and walked back from ``pos`` alone (_walk).
+    versions: dict[int, list] = {}
+    crowded = []
+    hi_key = prefix + _Q.pack(last + 1)
+    seek(prefix + _Q.pack(first))
+    cur = -1
+    count = 0
+    past = False
+    while valid():
+        k = key()
+        if k >= hi_key:
+            break
+        block, gen, lsn = _INDEX_TAIL.unpack_from(k, 22)
+        if block != cur:
+            cur, count, past = block, 0, False
+        count += 1
+        if count > SCAN_VERSIONS:
+            if not past:
+                crowded.append(block)
+                versions.pop(block, None)
+            cur = -1
+            seek(prefix + _Q.pack(block + 1))
+            continue
+        if past or (gen, lsn) > ptail:
+            past = True                                 # the block's later versions follow
+        else:
+            versions.setdefault(block, []).append((k, *_index_value(k, value(), v, d)))
+        nxt()
+    # Per block, the newest versions until the requested bytes are covered.
+    plan = []                                           # (block, pieces newest first)
+    for block in sorted(versions):
         base = block << _SHIFT
         lo = offset - base if offset > base else 0
         hi = end - base if end < base + _BLOCK else _BLOCK
-        bkey = prefix + _Q.pack(block)
-        seek(bkey + tail)
-        pieces = None
-        while valid():
-            k = key()
-            if k[:30] != bkey:
-                break
-            val = value()
-            if len(val) != 12:
-                raise JournalCorrupt(_index_name(k, d), v.name, f"index record of {len(val)} bytes")
-            c, s, e = _INDEX_VALUE.unpack(val)
-            if _xxh3(k + val[8:]) != c:
-                raise JournalCorrupt(_index_name(k, d), v.name, "index record checksum mismatch")
-            if e > lo and s < hi:
-                if pieces is None:
-                    pieces = [(k, s, e)]
-                    if s <= lo and e >= hi:
-                        break
-                else:
-                    pieces.append((k, s, e))
-                    if _covers(pieces, lo, hi):
-                        break
-            prev()
-        if pieces is not None:
-            for k, s, e in reversed(pieces):
-                ekey = k[:4] + k[30:]
-                ent = fetched.get(ekey)
-                if ent is None:
-                    raw = entries.get(ekey)
-                    if raw is None:
-                        return None                     # promoted since step 1: start over
-                    try:
-                        ent = R.decode_entry(ekey, raw)
-                    except R.RecordError as exc:
-                        raise JournalCorrupt(f"entry {K.parse_entry_key(ekey)[1]}", v.name, exc) from None
-                    fetched[ekey] = ent
-                _, _, eoff, elen, _, mv = ent
-                a = base + (s if s > lo else lo)
-                b = base + (e if e < hi else hi)
-                if a < eoff or b > eoff + elen:
-                    raise JournalCorrupt(_index_name(k, d), v.name, "index record does not match its entry")
-                buf[a - offset:b - offset] = mv[_HEAD + a - eoff:_HEAD + b - eoff]
-        block += 1
+        pieces = _cover(reversed(versions[block]), lo, hi)
+        if pieces:
+            plan.append((block, pieces))
+    for block in crowded:
+        base = block << _SHIFT
+        lo = offset - base if offset > base else 0
+        hi = end - base if end < base + _BLOCK else _BLOCK
+        pieces = _cover(_walk(it, prefix + _Q.pack(block), _POS_TAIL.pack(*ptail), v, d), lo, hi)
+        if pieces:
+            plan.append((block, pieces))
+    if not plan:
+        return bytes(buf)
+    # 3. the entries, in one multi-get
+    ekeys = list({k[:4] + k[30:]: None for _, pieces in plan for k, _, _ in pieces})
+    raws = entries.get(ekeys)
+    fetched = {}
+    for ekey, raw in zip(ekeys, raws):
+        if raw is None:
+            return None                                 # promoted since step 1: start over
+        try:
+            fetched[ekey] = R.decode_entry(ekey, raw)
+        except R.RecordError as exc:
+            raise JournalCorrupt(f"entry {K.parse_entry_key(ekey)[1]}", v.name, exc) from None
+    for block, pieces in plan:
+        base = block << _SHIFT
+        lo = offset - base if offset > base else 0
+        hi = end - base if end < base + _BLOCK else _BLOCK
+        for k, s, e in reversed(pieces):                # oldest first
+            _, _, eoff, elen, _, mv = fetched[k[:4] + k[30:]]
+            a = base + (s if s > lo else lo)
+            b = base + (e if e < hi else hi)
+            if a < eoff or b > eoff + elen:
+                raise JournalCorrupt(_index_name(k, d), v.name, "index record does not match its entry")
+            buf[a - offset:b - offset] = mv[_HEAD + a - eoff:_HEAD + b - eoff]
     return bytes(buf)
+
+
+def _index_value(k: bytes, val: bytes, v: VpgState, d: DiskInfo) -> tuple[int, int]:
+    """(start, end) of a verified index record."""
+    if len(val) != 12:
+        raise JournalCorrupt(_index_name(k, d), v.name, f"index record of {len(val)} bytes")
+    c, s, e = _INDEX_VALUE.unpack(val)
+    if _xxh3(k + val[8:]) != c:
+        raise JournalCorrupt(_index_name(k, d), v.name, "index record checksum mismatch")
+    return s, e
+
+
+def _walk(it, bkey: bytes, tail: bytes, v: VpgState, d: DiskInfo):
+    """A block's versions at or before a position, newest first (one reverse seek, then prev)."""
+    it.seek_for_prev(bkey + tail)
+    while it.valid():
+        k = it.key()
+        if k[:30] != bkey:
+            return
+        yield (k, *_index_value(k, it.value(), v, d))
+        it.prev()
+
+
+def _cover(newest_first, lo: int, hi: int) -> list:
+    """The versions (newest first) needed to cover [lo, hi) of a block, or as much as they can."""
+    pieces = None
+    for k, s, e in newest_first:
+        if e > lo and s < hi:
+            if pieces is None:
+                pieces = [(k, s, e)]
+                if s <= lo and e >= hi:
+                    break
+            else:
+                pieces.append((k, s, e))
+                if _covers(pieces, lo, hi):
+                    break
+    return pieces
 
 
 def _covers(pieces, lo: int, hi: int) -> bool:

@@ -145,3 +145,23 @@ def test_reads_stay_correct_while_appends_run(tmp_path):
     assert not errors and len(wants) > 3
     assert j.checkpoints(VPG) == model.checkpoints and j.check(VPG) == []
     j.close()
+
+
+def test_hot_blocks_with_long_histories_read_right_at_every_position(journal):
+    """More versions of a block than the forward scan reads (SCAN_VERSIONS): partial writes
+    over each other, read at every position, against a byte model."""
+    from appliance.dss import reader
+    vm, disk = DISKS[0]
+    rng = random.Random(5)
+    state = bytearray(3 * 4096)
+    history = []
+    n = 3 * reader.SCAN_VERSIONS + 5
+    for lsn in range(1, n + 1):
+        off = 4096 + rng.randrange(4096) if lsn % 3 else 4096       # block 1, sometimes all of it
+        data = bytes([lsn]) * (rng.randrange(1, 4096 + 4096 - (off - 4096)) if lsn % 3 else 4096)
+        journal.append(VPG, [Entry(Pos(1, lsn), vm, disk, off, data)])
+        state[off:off + len(data)] = data
+        history.append(bytes(state))
+    for lsn in range(1, n + 1):
+        assert journal.read(VPG, vm, disk, 0, 3 * 4096, Pos(1, lsn)) == history[lsn - 1], lsn
+        assert journal.read(VPG, vm, disk, 4096 + 100, 5000, Pos(1, lsn)) == history[lsn - 1][4196:9196]
