@@ -274,6 +274,11 @@ class Journal:
         """The bytes of a disk as they were at a checkpoint or position: replica + entries <= at."""
         return _reader.read(self, vpg, vm, disk, offset, length, at)
 
+    def replica_range(self, vpg: str, vm: str, disk: int, offset: int, length: int):
+        """Context manager: ``(durable pos, view of the replica's bytes or None)``; the view only
+        when no journal entry touches the range, so it is the image at that position there."""
+        return _reader.replica_range(self, vpg, vm, disk, offset, length)
+
     @store.releases_iterators
     def promote(self, vpg: str, now: float | None = None) -> int:
         """Apply the entries older than the history window to the replicas; return how many."""

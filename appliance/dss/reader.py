@@ -18,6 +18,8 @@ the replica at any moment of that promotion.
 """
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import struct
 
@@ -54,6 +56,42 @@ def read(j, vpg: str, vm: str, disk: int, offset: int, length: int, at: Checkpoi
         return read_at(j, v, d, offset, length, pos)
     finally:
         pins.unpin(pos)
+
+
+@contextlib.contextmanager
+def replica_range(j, vpg: str, vm: str, disk: int, offset: int, length: int):
+    """``(pos, view)``: the durable position, and when no journal entry touches
+    ``[offset, offset + length)`` a read-only view of the replica file's bytes there (then the
+    image at ``pos`` of that range); ``view`` is None when entries do (read through ``read``).
+    ``pos`` stays pinned while the context is open, so promotion cannot move the range past it.
+    The view must not be kept after the context closes."""
+    v = j._vpg(vpg)
+    d = j._disk(v, vm, disk)
+    check_range(d, offset, length)
+    pos = v.durable or ZERO
+    v.pins.pin(pos)
+    try:
+        mm = view = None
+        if length:
+            it = j._index.iter()
+            it.seek(d.prefix + _Q.pack(offset >> _SHIFT))
+            touched = it.valid() and it.key() < d.prefix + _Q.pack(((offset + length - 1) >> _SHIFT) + 1)
+            del it
+            if not touched:
+                start = offset - offset % mmap.ALLOCATIONGRANULARITY
+                mm = mmap.mmap(d.fd, offset + length - start, access=mmap.ACCESS_READ, offset=start)
+                view = memoryview(mm)[offset - start:]
+        try:
+            yield pos, view
+        finally:
+            if view is not None:
+                view.release()
+                try:
+                    mm.close()
+                except BufferError:             # a caller kept a view: the GC closes it later
+                    pass
+    finally:
+        v.pins.unpin(pos)
 
 
 def check_range(d: DiskInfo, offset: int, length: int) -> None:

@@ -165,3 +165,16 @@ def test_hot_blocks_with_long_histories_read_right_at_every_position(journal):
     for lsn in range(1, n + 1):
         assert journal.read(VPG, vm, disk, 0, 3 * 4096, Pos(1, lsn)) == history[lsn - 1], lsn
         assert journal.read(VPG, vm, disk, 4096 + 100, 5000, Pos(1, lsn)) == history[lsn - 1][4196:9196]
+
+
+def test_replica_range_is_a_view_only_where_no_entry_touches_it(journal):
+    vm, disk = DISKS[0]
+    journal.append(VPG, [Entry(Pos(1, 1), vm, disk, 8192 + 10, b"abc")], time=T0)
+    with journal.replica_range(VPG, vm, disk, 0, 8192) as (pos, view):
+        assert pos == Pos(1, 1) and bytes(view) == bytes(8192)
+    with journal.replica_range(VPG, vm, disk, 4096, 8192) as (pos, view):
+        assert view is None                                     # block 2 has an entry
+    assert journal.promote(VPG, now=T0 + 10**9) == 1
+    with journal.replica_range(VPG, vm, disk, 8192, 4096) as (pos, view):
+        assert bytes(view) == journal.read(VPG, vm, disk, 8192, 4096, pos)
+        assert bytes(view[10:13]) == b"abc"
