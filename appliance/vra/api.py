@@ -223,8 +223,15 @@ def create_app(vra: VRA) -> Flask:
             parts = []
             try:
                 for o in range(offset, offset + length, step):
-                    parts.append(kernels.block_hashes(
-                        j.read(vpg, vm, disk, o, min(step, offset + length - o), pos), bs))
+                    n = min(step, offset + length - o)
+                    # where no journal entry touches the span the replica is the image: hash
+                    # the file's pages in place (per block, that is the image at a durable
+                    # position, which is all delta sync needs; docs/FORMAT.md "Delta sync")
+                    with j.replica_range(vpg, vm, disk, o, n) as (_p, view):
+                        if view is not None:
+                            parts.append(kernels.block_hashes(view, bs))
+                            continue
+                    parts.append(kernels.block_hashes(j.read(vpg, vm, disk, o, n, pos), bs))
             except NotRecoverable:      # promoted past it meanwhile: again at the new position
                 continue
             break

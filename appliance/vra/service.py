@@ -203,52 +203,76 @@ class VRA:
                "seconds_streaming": 0.0}
         t0 = time.monotonic()
         self._sync_begin(vpg)
+        http = requests.Session()
+        url = f"{recovery_url}/v1/recovery/vpgs/{vpg}/disks/{vm_uuid}/{disk}/hashes"
+
+        def remote(off: int, n: int):
+            r = http.get(url, params={"offset": off, "length": n, "block_size": bs}, headers=auth,
+                         timeout=600)
+            if r.status_code >= 400:
+                raise SyncError(f"recovery VRA hashes: {r.text}")
+            h = r.json()
+            if int(h.get("hash_version", kernels.HASH_VERSION)) != kernels.HASH_VERSION:
+                raise SyncError(f"recovery VRA hashes are version {h['hash_version']}, "
+                                f"this VRA's {kernels.HASH_VERSION}")
+            return np.frombuffer(base64.b64decode(h["hashes"]), dtype="<u8")
+
+        def stream(runs):
+            t_stream = time.monotonic()
+            r = requests.post(f"{self.cfg.host_url}/vms/{vm_uuid}/disks/{disk}/sync-blocks",
+                              json={"block_size": bs, "runs": runs}, timeout=3600)
+            if r.status_code >= 400:
+                raise SyncError(f"host sync-blocks: {r.text}")
+            return r.json(), time.monotonic() - t_stream
+
+        # Both sides hash at once: the recovery side's hashes of the next chunks are requested
+        # ahead while this side reads and hashes, and differing runs are streamed by the host
+        # (one call at a time, in order) while the comparison goes on. Any timing of the three
+        # is correct (docs/FORMAT.md, "Delta sync": the host re-reads each block under its lock).
+        from concurrent.futures import ThreadPoolExecutor
+        offs = list(range(0, cap, DELTA_CHUNK))
+        ahead = ThreadPoolExecutor(2, thread_name_prefix="delta-hashes")
+        streamer = ThreadPoolExecutor(1, thread_name_prefix="delta-stream")
+        fetches = {o: ahead.submit(remote, o, min(DELTA_CHUNK, cap - o)) for o in offs[:2]}
+        streams = []
         try:
             buf = bytearray(min(DELTA_CHUNK, cap))
             with open(path, "rb", buffering=0) as f:
-                for off in range(0, cap, DELTA_CHUNK):
+                for i, off in enumerate(offs):
+                    if i + 2 < len(offs):
+                        o2 = offs[i + 2]
+                        fetches[o2] = ahead.submit(remote, o2, min(DELTA_CHUNK, cap - o2))
                     n = min(DELTA_CHUNK, cap - off)
                     view = memoryview(buf)[:n]
                     got = f.readinto(view) if f.seek(off) == off else 0
                     if got < n:                        # past the file's end: zeros
                         view[got:] = bytes(n - got)
                     src = kernels.block_hashes(view, bs)
-                    r = requests.get(f"{recovery_url}/v1/recovery/vpgs/{vpg}/disks/{vm_uuid}/{disk}/hashes",
-                                     params={"offset": off, "length": n, "block_size": bs},
-                                     headers=auth, timeout=600)
-                    if r.status_code >= 400:
-                        raise SyncError(f"recovery VRA hashes: {r.text}")
-                    h = r.json()
-                    if int(h.get("hash_version", kernels.HASH_VERSION)) != kernels.HASH_VERSION:
-                        raise SyncError(f"recovery VRA hashes are version {h['hash_version']}, "
-                                        f"this VRA's {kernels.HASH_VERSION}")
-                    dst = np.frombuffer(base64.b64decode(h["hashes"]), dtype="<u8")
+                    dst = fetches.pop(off).result()
                     if len(dst) != len(src):
                         raise SyncError(f"the recovery side has {len(dst)} blocks at offset {off}, "
                                         f"the source {len(src)}: do the disk capacities match?")
                     diff = kernels.compare_hashes(src, dst)
                     out["blocks_compared"] += len(src)
                     out["blocks_differing"] += len(diff)
-                    if not len(diff):
-                        continue
-                    first = off // bs
-                    runs = _runs(diff)
-                    t_stream = time.monotonic()
-                    r = requests.post(f"{self.cfg.host_url}/vms/{vm_uuid}/disks/{disk}/sync-blocks",
-                                      json={"block_size": bs,
-                                            "runs": [[first + s, c] for s, c in runs]},
-                                      timeout=3600)
-                    if r.status_code >= 400:
-                        raise SyncError(f"host sync-blocks: {r.text}")
-                    sent = r.json()
-                    out["seconds_streaming"] += time.monotonic() - t_stream
-                    out["blocks_sent"] += sent["blocks"]
-                    out["zero_blocks"] += sent["zero_blocks"]
-                    out["bytes_sent"] += sent["bytes"]
-                    if sent.get("unsent"):
-                        raise SyncError(f"the host could not stream {sent['unsent']} blocks "
-                                        "(the VRA detached?); they are in its dirty bitmap")
+                    if len(diff):
+                        first = off // bs
+                        streams.append(streamer.submit(stream, [[first + s, c] for s, c in _runs(diff)]))
+            for fut in streams:
+                sent, secs = fut.result()
+                out["seconds_streaming"] += secs
+                out["blocks_sent"] += sent["blocks"]
+                out["zero_blocks"] += sent["zero_blocks"]
+                out["bytes_sent"] += sent["bytes"]
+                if sent.get("unsent"):
+                    raise SyncError(f"the host could not stream {sent['unsent']} blocks "
+                                    "(the VRA detached?); they are in its dirty bitmap")
         finally:
+            for fut in list(fetches.values()) + streams:
+                fut.cancel()
+            ahead.shutdown(wait=True)
+            streamer.shutdown(wait=True)
+            http.close()
             self._sync_end(vpg)
             out["seconds"] = round(time.monotonic() - t0, 3)
             out["seconds_streaming"] = round(out["seconds_streaming"], 3)
