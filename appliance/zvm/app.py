@@ -18,7 +18,7 @@ from .service import ZVM
 log = logging.getLogger("tidemark.zvm")
 
 ROUTE_MODULES = ["auth", "monitoring", "meta"]
-OPTIONAL_ROUTE_MODULES = ["sites", "vras", "vpgsettings", "vpgs", "vms", "operations"]
+OPTIONAL_ROUTE_MODULES = ["sites", "vras", "vpgsettings", "vpgs", "vms", "operations", "failover"]
 
 
 def build_api(zvm: ZVM) -> Api:
