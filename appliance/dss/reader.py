@@ -112,10 +112,7 @@ def read_at(j, v: VpgState, d: DiskInfo, offset: int, length: int, pos: Pos) -> 
 
 
 def _read_once(index, entries, v: VpgState, d: DiskInfo, offset: int, length: int, pos: Pos):
-    it = index.iter()                                   # 1. the index as of now
-    buf = bytearray(os.pread(d.fd, length, offset))     # 2. the replica
-    if len(buf) < length:
-        buf.extend(bytes(length - len(buf)))            # beyond the file's end: never written
+    it = index.iter()                                   # 1. the index as of now (a snapshot)
     end = offset + length
     first = offset >> _SHIFT
     last = (end - 1) >> _SHIFT
@@ -152,43 +149,47 @@ def _read_once(index, entries, v: VpgState, d: DiskInfo, offset: int, length: in
         else:
             versions.setdefault(block, []).append((k, *_index_value(k, value(), v, d)))
         nxt()
-    # Per block, the newest versions until the requested bytes are covered.
-    plan = []                                           # (block, pieces newest first)
-    for block in sorted(versions):
+    # Per block, the newest versions until the requested bytes are covered; the byte ranges
+    # each entry supplies, merged where they touch.
+    spans: dict[bytes, list] = {}                       # entry key -> [[a, b, index key]] absolute
+    covered = 0
+    for block, newest_first in [(b, reversed(x)) for b, x in versions.items()] + \
+            [(b, _walk(it, prefix + _Q.pack(b), _POS_TAIL.pack(*ptail), v, d)) for b in crowded]:
         base = block << _SHIFT
         lo = offset - base if offset > base else 0
         hi = end - base if end < base + _BLOCK else _BLOCK
-        pieces = _cover(reversed(versions[block]), lo, hi)
-        if pieces:
-            plan.append((block, pieces))
-    for block in crowded:
-        base = block << _SHIFT
-        lo = offset - base if offset > base else 0
-        hi = end - base if end < base + _BLOCK else _BLOCK
-        pieces = _cover(_walk(it, prefix + _Q.pack(block), _POS_TAIL.pack(*ptail), v, d), lo, hi)
-        if pieces:
-            plan.append((block, pieces))
-    if not plan:
+        pieces = _cover(newest_first, lo, hi)
+        if not pieces:
+            continue
+        if len(pieces) == 1 and pieces[0][1] <= lo and pieces[0][2] >= hi:
+            covered += hi - lo
+        for k, s, e in pieces:
+            a = base + (s if s > lo else lo)
+            b = base + (e if e < hi else hi)
+            lst = spans.setdefault(k[:4] + k[30:], [])
+            if lst and lst[-1][1] == a:
+                lst[-1][1] = b
+            else:
+                lst.append([a, b, k])
+    if covered == length:                               # every byte from entries: no replica read
+        buf = bytearray(length)
+    else:
+        buf = bytearray(os.pread(d.fd, length, offset))     # 2. the replica
+        if len(buf) < length:
+            buf.extend(bytes(length - len(buf)))            # beyond the file's end: never written
+    if not spans:
         return bytes(buf)
-    # 3. the entries, in one multi-get
-    ekeys = list({k[:4] + k[30:]: None for _, pieces in plan for k, _, _ in pieces})
+    # 3. the entries, in one multi-get, applied in position order (so, per block, oldest first)
+    ekeys = sorted(spans)
     raws = entries.get(ekeys)
-    fetched = {}
     for ekey, raw in zip(ekeys, raws):
         if raw is None:
             return None                                 # promoted since step 1: start over
         try:
-            fetched[ekey] = R.decode_entry(ekey, raw)
+            _, _, eoff, elen, _, mv = R.decode_entry(ekey, raw)
         except R.RecordError as exc:
             raise JournalCorrupt(f"entry {K.parse_entry_key(ekey)[1]}", v.name, exc) from None
-    for block, pieces in plan:
-        base = block << _SHIFT
-        lo = offset - base if offset > base else 0
-        hi = end - base if end < base + _BLOCK else _BLOCK
-        for k, s, e in reversed(pieces):                # oldest first
-            _, _, eoff, elen, _, mv = fetched[k[:4] + k[30:]]
-            a = base + (s if s > lo else lo)
-            b = base + (e if e < hi else hi)
+        for a, b, k in spans[ekey]:
             if a < eoff or b > eoff + elen:
                 raise JournalCorrupt(_index_name(k, d), v.name, "index record does not match its entry")
             buf[a - offset:b - offset] = mv[_HEAD + a - eoff:_HEAD + b - eoff]
