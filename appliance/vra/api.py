@@ -151,6 +151,10 @@ def create_app(vra: VRA) -> Flask:
                                        warn_bytes=int(b.get("warn_bytes", 0)))
             j.create_vpg(vpg, settings)
             for d in b.get("disks", []):
+                if d.get("preseed"):        # the replica IS an existing file (reverse protection)
+                    from .preseed import link_replica
+                    link_replica(settings.replica_dir, str(d["vm"]), int(d["disk"]),
+                                 int(d["capacity"]), str(d["preseed"]))
                 j.register_disk(vpg, str(d["vm"]), int(d["disk"]), int(d["capacity"]))
         except (KeyError, ValueError, TypeError) as exc:
             raise APIError(f"recovery VPG settings: {exc}") from exc
