@@ -335,6 +335,12 @@ class Hypervisor(abc.ABC):
     def reconfigure_nics(self, vm_id: str, nics: list[NicSpec]) -> VM:
         """Set the VM's NICs to ``nics`` (in order: networks, MACs, IP configuration)."""
 
+    def rebase_disk(self, vm_id: str, disk_index: int, path: str) -> VM:
+        """A disk backed by a recovery image becomes the plain file ``path`` (the replica, after
+        the image set's commit); the VM keeps running. Backends without image-backed disks
+        refuse it."""
+        raise InvalidSpec(f"the {self.kind} backend has no disks on recovery images to rebase")
+
     def deploy_appliance(self, image: str, name: str, host_id: str, datastore_id: str,
                          network_id: str, properties: dict, power_on: bool = True) -> str:
         """Deploy an appliance VM (``image`` 'tidemark-vra', ...) configured by its OVF

@@ -205,6 +205,11 @@ class SimulatorHypervisor(Hypervisor):
         self._call("DELETE", f"/api/vms/{self._vm_ref(vm_id)}",
                    params={"keep_disks": "1" if keep_disks else "0"})
 
+    def rebase_disk(self, vm_id: str, disk_index: int, path: str) -> VM:
+        self._call("POST", f"/api/vms/{self._vm_ref(vm_id)}/disks/{int(disk_index)}/rebase",
+                   json={"path": path})
+        return self.vm(vm_id)
+
     def _set_nics(self, st: dict, vm_id: str, nics: list[NicSpec]) -> None:
         self._call("POST", f"/api/vms/{vm_id}/nics", json={"nics": [
             {"network": self._name(st["networks"], n.network_id, "network"), "mac": n.mac, "ip": n.ip}
