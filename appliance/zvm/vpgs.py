@@ -39,6 +39,10 @@ SUBSTATUSES = ["None", "InitialSync", "Creating", "VolumeInitialSync", "Sync", "
                "DisconnectedFromPeer", "ReplicationPausedUserInitiated"]
 INITIALIZING, MEETING_SLA, NOT_MEETING_SLA, HISTORY_NOT_MET, RPO_NOT_MET = 0, 1, 2, 3, 4
 DELETING = 7
+FAILING_OVER, MOVING, RECOVERED = 5, 6, 8
+OPERATION_STATUSES = (FAILING_OVER, MOVING, DELETING, RECOVERED)   # a recovery operation owns them
+SUB_FO_COMMITTING, SUB_FO_BEFORE_COMMIT, SUB_FO_ROLLING_BACK = 14, 15, 16
+SUB_MOVE_COMMITTING, SUB_MOVE_BEFORE_COMMIT, SUB_MOVE_ROLLING_BACK = 18, 19, 20
 SUB_NONE, SUB_INITIAL_SYNC, SUB_CREATING, SUB_DELTA_SYNC, SUB_ERROR = 0, 1, 2, 6, 8
 SUB_DISCONNECTED, SUB_PAUSED = 24, 25
 PRIORITY_NUM = {"Low": 0, "Medium": 1, "High": 2}
@@ -433,7 +437,10 @@ class Vpgs:
         self.check_recovery(settings, vms)
         vra = self.vra_for_host(self.recovery_host(settings))
         basic, lim = settings["basic"], settings["journal"].get("limitation") or {}
-        disks = [{"vm": m["instanceUuid"], "disk": d["index"], "capacity": d["capacityBytes"]}
+        preseed = body.get("preseed") or {}     # "<uuid>:<disk>" -> an existing file (reverse)
+        disks = [{"vm": m["instanceUuid"], "disk": d["index"], "capacity": d["capacityBytes"],
+                  **({"preseed": preseed[f"{m['instanceUuid']}:{d['index']}"]}
+                     if f"{m['instanceUuid']}:{d['index']}" in preseed else {})}
                  for m in vms for d in m["disks"]]
         replica_dir = self.replica_dir(settings, vpg_id)
         self.vra_call(vra, "PUT", f"/v1/recovery/vpgs/{vpg_id}", json={
@@ -482,7 +489,11 @@ class Vpgs:
         doc = self.get(vpg_id)
         if state:
             with self.update(vpg_id) as d:
-                d["state"].update(state.get("state") or {})
+                st = dict(state.get("state") or {})
+                if d["state"].get("status") in OPERATION_STATUSES:
+                    # a recovery operation here owns the status; the peer's view waits
+                    st.pop("status", None), st.pop("substatus", None), st.pop("activeProcess", None)
+                d["state"].update(st)
                 d["stats"].update(state.get("stats") or {})
         vra = self.recovery_vra(doc)
         st = self.vra_call(vra, "GET", "/v1/status")

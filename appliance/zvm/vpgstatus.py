@@ -14,8 +14,8 @@ import logging
 import time
 
 from .errors import ZVMError
-from .vpgs import (HISTORY_NOT_MET, INITIALIZING, MEETING_SLA, RPO_NOT_MET, STATUSES,
-                   SUB_DELTA_SYNC, SUB_DISCONNECTED, SUB_INITIAL_SYNC, SUB_NONE, SUB_PAUSED)
+from .vpgs import (HISTORY_NOT_MET, INITIALIZING, MEETING_SLA, OPERATION_STATUSES, RPO_NOT_MET,
+                   STATUSES, SUB_DELTA_SYNC, SUB_DISCONNECTED, SUB_INITIAL_SYNC, SUB_NONE, SUB_PAUSED)
 
 log = logging.getLogger("tidemark.zvm.vpgstatus")
 
@@ -56,8 +56,8 @@ class VpgMonitor:
         """One pass over this site's protected VPGs; their (status, substatus)."""
         out = {}
         for vpg in self.vpgs.list():
-            if vpg["role"] != "protected" or vpg["state"]["status"] == 7:
-                continue
+            if vpg["role"] != "protected" or vpg["state"]["status"] in OPERATION_STATUSES:
+                continue                  # a failover, move or delete owns the status
             try:
                 out[vpg["identifier"]] = self.sync_one(vpg)
             except ZVMError as exc:
@@ -116,7 +116,7 @@ class VpgMonitor:
             current=(state["status"], state["substatus"]))
         stats["sampleTime"] = now
         with self.vpgs.update(vid) as doc:
-            if doc["state"]["status"] == 7:           # deleted meanwhile
+            if doc["state"]["status"] in OPERATION_STATUSES:   # an operation began meanwhile
                 return status, sub
             doc["state"].update(status=status, substatus=sub)
             doc["stats"] = stats
