@@ -622,8 +622,8 @@ def main() -> int:
         mark("hash")
         # PIT reads
         sizes = (1_000, 10_000, 100_000) if q else (1_000, 100_000, 1_000_000)
-        say(f"PIT read p99, 64 KiB at a random checkpoint ({2000 if q else 5000} reads per size)")
-        pit = pit_reads(base, sizes, 2000 if q else 5000, say)
+        say(f"PIT read p99, 64 KiB at a random checkpoint ({1500 if q else 5000} reads per size)")
+        pit = pit_reads(base, sizes, 1500 if q else 5000, say)
         res["pit_read_p99_ms"] = {str(n): r["p99_ms"] for n, r in pit.items()}
         mark("PIT reads")
         notes.append("phase seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
