@@ -72,6 +72,8 @@ class Lab:
                 inv = json.loads(inv_path.read_text())
             for vm in inv["vms"]:
                 for d in vm["disks"]:
+                    if not d.get("path"):       # a disk on a VRA recovery image: no file here
+                        continue
                     p = Path(d["path"])
                     p.parent.mkdir(parents=True, exist_ok=True)
                     if not p.exists():
