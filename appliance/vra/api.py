@@ -345,6 +345,18 @@ def create_app(vra: VRA) -> Flask:
         dss(images().write, sid, vm, disk, offset, data)
         return "", 204
 
+    @app.post("/v1/recovery/images/<sid>/disks/<vm>/<int:disk>/copy")
+    def copy_image_disk(sid, vm, disk):
+        """Copy the disk (checkpoint content + writes) into an existing file, in the background."""
+        path = body().get("path")
+        if not isinstance(path, str) or not path:
+            raise APIError("copy takes path: the existing file to write the disk into")
+        return jsonify(dss(images().copy_to, sid, vm, disk, path)), 202
+
+    @app.get("/v1/recovery/images/<sid>/disks/<vm>/<int:disk>/copy")
+    def copy_image_disk_status(sid, vm, disk):
+        return jsonify(images().copy_status(sid, vm, disk))
+
     @app.get("/v1/recovery/images/<sid>/disks/<vm>/<int:disk>/hash")
     def image_disk_hash(sid, vm, disk):
         return jsonify({"sha256": dss(images().sha256, sid, vm, disk)})

@@ -115,6 +115,7 @@ class ImageRegistry:
         self._sets: dict[str, ImageSet] = {}
         self.io_address: tuple[str, int] | None = None   # the image IO protocol's listener (image_io.py)
         self._lock = threading.Lock()        # the table and registry.json; never held across IO
+        self._copies: dict[tuple, dict] = {}   # (set, vm, disk) -> copy job (copy_to), in memory
 
     # -- persistence ------------------------------------------------------------------------
     @property
@@ -265,6 +266,59 @@ class ImageRegistry:
                 slot.image = None
                 slot.fd = os.open(slot.replica, os.O_RDWR)
         s.state = "committed"
+
+    def copy_to(self, sid: str, vm: str, disk: int, path: str) -> dict:
+        """Write the disk as the set's VMs see it into the existing file ``path`` (e.g. a clone's
+        new disk), in a background thread; ``copy_status`` follows it. Asking again for the same
+        path while it copies or after it is done answers that job; the jobs are in memory only
+        (after a VRA restart, ask again: the copy starts over and writes the same bytes)."""
+        slot = self._slot(sid, vm, disk, 0, 0)
+        if not os.path.isfile(path):
+            raise ImageError(f"{path} is not a file: create the target disk first")
+        key = (sid, vm, disk)
+        with self._lock:
+            job = self._copies.get(key)
+            if job and job["path"] == path and job["state"] in ("copying", "done"):
+                return dict(job)
+            job = {"path": path, "state": "copying", "bytes_done": 0, "bytes_total": slot.capacity,
+                   "error": ""}
+            self._copies[key] = job
+        threading.Thread(target=self._copy, args=(key, job), name=f"copy-{sid}", daemon=True).start()
+        return dict(job)
+
+    def copy_status(self, sid: str, vm: str, disk: int) -> dict:
+        with self._lock:
+            job = self._copies.get((sid, vm, disk))
+        if job is None:
+            raise UnknownImage(f"no copy of disk {disk} of VM {vm} of image {sid} on this VRA "
+                               "(since its last start): ask for it again")
+        return dict(job)
+
+    def _copy(self, key: tuple, job: dict) -> None:
+        sid, vm, disk = key
+        zero = bytes(HASH_STEP)
+        try:
+            fd = os.open(job["path"], os.O_RDWR)
+            try:
+                if os.fstat(fd).st_size < job["bytes_total"]:
+                    os.ftruncate(fd, job["bytes_total"])
+                for off in range(0, job["bytes_total"], HASH_STEP):
+                    n = min(HASH_STEP, job["bytes_total"] - off)
+                    data = self.read(sid, vm, disk, off, n)
+                    # the target is usually new and sparse: leave zero chunks that are zero there
+                    if data != zero[:n] or os.pread(fd, n, off) != zero[:n]:
+                        view, done = memoryview(data), 0
+                        while done < n:
+                            done += os.pwrite(fd, view[done:], off + done)
+                    job["bytes_done"] = off + n
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            job["state"] = "done"
+            log.info("image %s disk %d of VM %s copied into %s", sid, disk, vm, job["path"])
+        except (ImageError, DSSError, OSError) as exc:
+            job.update(state="failed", error=str(exc))
+            log.warning("copy of image %s disk %d of VM %s failed: %s", sid, disk, vm, exc)
 
     def close(self) -> None:
         """VRA shutdown: release the images (scratch kept, resumable) and the replica files."""
