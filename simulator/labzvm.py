@@ -56,8 +56,7 @@ def hypervisor_settings(site_status: dict) -> dict:
         from urllib.parse import urlparse
         u = urlparse(site_status["vcenter_url"])
         return {"kind": "vsphere", "host": u.hostname, "port": u.port, "protocol": u.scheme,
-                "user": "user", "password": "pass", "insecure": True,
-                "simulator_url": site_status["simulator_url"]}
+                "user": "user", "password": "pass", "insecure": True}
     return {"kind": "simulator", "url": site_status["simulator_url"]}
 
 
@@ -74,7 +73,7 @@ def start_zvm(lab_dir: Path, site: dict, timeout: float = 60) -> dict:
     lines = [f'site_name = "{site["name"]}"', f'site_kind = "{site["kind"]}"', f"port = {port}",
              'data_dir = "data"', "inventory_interval_s = 1.0", "monitor_interval_s = 1.0",
              "[hypervisor]"] + [f"{k} = {json.dumps(v)}" for k, v in hv.items()]
-    conf.write_text("\n".join(lines) + "\n")
+    _write_secret(conf, "\n".join(lines) + "\n")       # holds the vCenter password
     root = str(Path(__file__).resolve().parent.parent)
     env = {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     from appliance.zvm.config import ZVMConfig
