@@ -176,8 +176,9 @@ def boot_groups(vpg: dict, vms: list[dict]) -> list[tuple[dict, list[dict]]]:
 
 
 def vm_spec(vpg: dict, vm: dict, image: dict, *, name: str, test: bool,
-            datastore: str | None = None, power_on: bool = False) -> VMSpec:
-    """The VMSpec of a recovered VM whose disks are the image set's disks of this VM."""
+            datastore: str | None = None, power_on: bool = False, plain: bool = False) -> VMSpec:
+    """The VMSpec of a recovered VM whose disks are the image set's disks of this VM (``plain``:
+    new empty disks of the same capacities instead, for a clone to copy the images into)."""
     where = placement(vpg, vm, datastore)
     if not where["host"] or not where["datastore"]:
         raise Conflict(f"VPG {vpg['name']} names no recovery host or datastore for VM {vm['name']}")
@@ -189,9 +190,10 @@ def vm_spec(vpg: dict, vm: dict, image: dict, *, name: str, test: bool,
                   folder_id=where["folder"], cpus=int(vm.get("cpus") or 1),
                   memory_mib=int(vm.get("memoryMib") or 1024),
                   nics=[nic_spec(vpg, vm, n, test) for n in sorted(vm["nics"], key=lambda n: n["index"])],
-                  disks=[DiskSpec(capacity_bytes=int(d["capacity"]), recovery_image=RecoveryImage(
-                      url=image["url"], token=image["token"], image=image["id"], vm=d["vm"],
-                      disk=int(d["disk"]))) for d in disks],
+                  disks=[DiskSpec(capacity_bytes=int(d["capacity"])) if plain else
+                         DiskSpec(capacity_bytes=int(d["capacity"]), recovery_image=RecoveryImage(
+                             url=image["url"], token=image["token"], image=image["id"], vm=d["vm"],
+                             disk=int(d["disk"]))) for d in disks],
                   power_on=power_on)
 
 
@@ -296,10 +298,11 @@ class RecoveryOp(Operation):
         self.save()
 
     # -- VMs
-    def create_vms(self, *, test: bool, suffix: str = "", datastore: str | None = None) -> None:
-        """Create the recovered VMs (powered off) on the image set; each VM's id is saved as soon
-        as it exists. A VM of the same name found on the recovery site (created before a
-        restart, its id not saved) is taken over."""
+    def create_vms(self, *, test: bool, suffix: str = "", datastore: str | None = None,
+                   plain: bool = False) -> None:
+        """Create the recovered VMs (powered off) on the image set (``plain``: on new empty disks);
+        each VM's id is saved as soon as it exists. A VM of the same name found on the recovery
+        site (created before a restart, its id not saved) is taken over."""
         image = self.open_images()
         hv = self.zvm.hypervisor
         existing = None
@@ -314,7 +317,7 @@ class RecoveryOp(Operation):
                 self.note(f"VM {name} ({vm_id}) found again after a restart")
             else:
                 vm_id = hv.create_vm(vm_spec(self.vpg(), m, image, name=name, test=test,
-                                             datastore=datastore)).id
+                                             datastore=datastore, plain=plain)).id
             self.rec["created"][m["vmIdentifier"]] = {"id": vm_id, "name": name, "powered": False}
             self.save()
 

@@ -160,7 +160,14 @@ def register(api, zvm):
 
     @api.route("GET", "/v1/tasks/{taskIdentifier}", "One task", response="TaskApi")
     def task(req, taskIdentifier):
-        return task_api(zvm.tasks.get(taskIdentifier), zvm.site_link())
+        try:
+            return task_api(zvm.tasks.get(taskIdentifier), zvm.site_link())
+        except NotFound:
+            from ..forward import peer_task       # a recovery operation runs at the peer site
+            found = peer_task(zvm, taskIdentifier)
+            if found is None:
+                raise
+            return found
 
     # -- recovery reports
     @api.route("GET", "/v1/reports/recovery", "Recovery operation reports",
