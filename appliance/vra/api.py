@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -356,6 +357,19 @@ def create_app(vra: VRA) -> Flask:
     @app.get("/v1/recovery/images/<sid>/disks/<vm>/<int:disk>/copy")
     def copy_image_disk_status(sid, vm, disk):
         return jsonify(images().copy_status(sid, vm, disk))
+
+    @app.post("/v1/recovery/images/<sid>/disks/<vm>/<int:disk>/export")
+    def export_image_disk(sid, vm, disk):
+        from .export import export_disk
+        path = body().get("path")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise APIError("export takes path: an absolute file path")
+        try:
+            return jsonify(dss(export_disk, images(), sid, vm, disk, path))
+        except KeyError as exc:
+            e = ImageError(str(exc))
+            e.status = 404
+            raise e from exc
 
     @app.get("/v1/recovery/images/<sid>/disks/<vm>/<int:disk>/hash")
     def image_disk_hash(sid, vm, disk):
