@@ -1,0 +1,388 @@
+"""Live Failover (and the steps Move shares): recovered VMs from the recovery VRA's images at a
+checkpoint, then the commit policy. Runs as a task of the RECOVERY site's ZVM (forward.py gets
+the request there); the protected site is called through ``/v1/internal/vpgs/{id}/source/...``
+(``SourceSide`` below, routes in routes/failover.py).
+
+``Failover`` (class docstring) and ``Move`` (move.py) are persisted state machines; each step is
+idempotent (it checks what is done already, ids are saved as soon as something exists), so a
+restart of either ZVM in the middle re-runs the step in progress and goes on, or rolls back.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from ..errors import Conflict, NotFound, Unavailable, ZVMError
+from ..hypervisor.errors import NotFound as HvNotFound
+from ..recovery import RecoveryOp
+from ..tasks import ROLLBACK, operation
+from ..vpgs import (FAILING_OVER, MEETING_SLA, MOVING, RECOVERED, SUB_FO_BEFORE_COMMIT,
+                    SUB_FO_COMMITTING, SUB_FO_ROLLING_BACK, SUB_MOVE_BEFORE_COMMIT,
+                    SUB_MOVE_COMMITTING, SUB_MOVE_ROLLING_BACK, SUB_NONE)
+from .reverse import ReverseSteps
+
+log = logging.getLogger("tidemark.zvm.failover")
+
+COMMIT_WAIT_S = 600           # the VRA's image commit (promotion up to the checkpoint)
+SOURCE_CALL_S = 120           # shutdowns, checkpoints at the protected site
+RESUME_CALL_S = 3600          # replication resumed there (a delta sync)
+
+
+class LiveRecovery(ReverseSteps, RecoveryOp):
+    """What Failover and Move share: the protected site's part, images, VMs, the commit policy,
+    commit (images promoted, disks rebased), rollback. Subclasses name the steps."""
+    status = FAILING_OVER
+    sub_before, sub_committing, sub_rolling_back = (SUB_FO_BEFORE_COMMIT, SUB_FO_COMMITTING,
+                                                    SUB_FO_ROLLING_BACK)
+    process = "runningFailoverApi"
+    recovery_type = "Failover"
+
+    # -- both sites' documents
+    def mark_state(self, status: int, substatus: int, stage: str | None) -> None:
+        """The VPG's status on this site's document and (best effort) on the protected site's."""
+        process = {self.process: {"stage": stage, "task": self.task["identifier"]}} if stage else None
+        self.vpgs.set_state(self.vpg_id, status=status, substatus=substatus, activeProcess=process)
+        try:
+            self.source("state", {"status": status, "substatus": substatus, "activeProcess": process})
+        except ZVMError as exc:
+            self.note(f"the protected site did not take the status: {exc}")
+
+    def source(self, action: str, body: dict | None = None, timeout: float = SOURCE_CALL_S):
+        """Call the protected site's part of the operation."""
+        vpg = self.vpg()
+        if vpg["role"] != "recovery":
+            raise Conflict(f"VPG {vpg['name']} is not recovered at this site any more")
+        return self.vpgs.peer_call(vpg, "POST", f"/v1/internal/vpgs/{self.vpg_id}/source/{action}",
+                                   json=body or {}, timeout=timeout)
+
+    # -- forward steps
+    def step_begin(self):
+        p = self.params
+        if p.get("checkpoint"):
+            self.rec_init(p["checkpoint"], p["vms"])
+        self.data.setdefault("reverse", bool(p.get("reverseProtection")))
+        self.data.setdefault("keepSourceVms", bool(p.get("keepSourceVms")))
+        self.mark_state(self.status, self.sub_before, "Starting")
+
+    def shutdown_policy(self) -> int:
+        return int(self.params.get("shutdownPolicy") or 0)
+
+    def step_shutdown_sources(self):
+        policy = self.shutdown_policy()
+        if policy == 0:
+            self.note("shutdown policy None: the source VMs keep running")
+            return
+        if "poweredOff" in self.data:
+            return
+        try:
+            ans = self.source("shutdown", {"force": policy == 2, "vms": self.rec["vms"] or None})
+        except Unavailable as exc:
+            if self.type == "Move":
+                raise
+            self.data["sourceUnreachable"] = True
+            self.save()
+            self.note(f"the protected site does not answer ({exc}): source VMs not shut down")
+            return
+        self.data["poweredOff"] = ans.get("poweredOff") or []
+        self.save()
+        self.note(f"source VMs shut down: {', '.join(ans.get('names') or []) or 'none was running'}")
+
+    def step_stop_replication(self):
+        if self.data.get("replicationStopped"):
+            return
+        try:
+            self.source("stop")
+        except Unavailable as exc:
+            if self.type == "Move":
+                raise
+            self.note(f"the protected site does not answer ({exc}): its VRAs cannot stream now")
+        self.data["replicationStopped"] = True
+        self.save()
+
+    def step_open_images(self):
+        self.open_images()
+
+    def step_create_vms(self):
+        self.create_vms(test=False)
+
+    def step_power_on(self):
+        self.power_on()
+        self.mark_state(self.status, self.sub_before, "BeforeCommit")
+        names = ", ".join(c["name"] for c in self.rec["created"].values())
+        self.note(f"recovered VMs running at checkpoint {self.rec['checkpoint']['id']}: {names}")
+
+    def commit_policy(self) -> tuple[int, float | None]:
+        return int(self.params.get("commitPolicy", 2)), self.params.get("commitTimeoutS")
+
+    def step_wait_commit(self):
+        decision = self.data.get("decision")
+        if decision is None:
+            policy, timeout = self.commit_policy()
+            default = {0: "rollback", 1: "commit"}.get(policy)
+            name, sig = self.wait_for(("commit", "rollback"), float(timeout or 0) if default else None,
+                                      default)
+            self.data["decision"] = decision = name
+            for k in ("reverseProtection", "keepSourceVms"):
+                if sig.get(k) is not None:
+                    self.data["reverse" if k == "reverseProtection" else k] = bool(sig[k])
+            self.data["decidedBy"] = sig.get("by") or f"commit policy ({name} after the timeout)"
+            self.save()
+            self.note(f"{name} ({self.data['decidedBy']})")
+        if decision == "rollback":
+            self.task["stoppedByUser"] = True
+            self.task["completeReason"] = f"rolled back: {self.data['decidedBy']}"
+            self.save()
+            return ROLLBACK
+        return None
+
+    def step_commit_images(self):
+        self.data["committing"] = True
+        self.save()
+        self.mark_state(self.status, self.sub_committing, "Committing")
+        if self.data.get("paths"):
+            return
+        img = self.rec["image"]
+        ans = self.vra_call("POST", f"/v1/recovery/images/{img['id']}/commit", timeout=COMMIT_WAIT_S)
+        deadline = time.monotonic() + COMMIT_WAIT_S
+        while ans.get("state") == "committing" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            ans = self.vra_call("GET", f"/v1/recovery/images/{img['id']}")
+        if ans.get("state") != "committed":
+            raise Conflict(f"image set {img['id']} did not commit: {ans.get('error') or ans.get('state')}")
+        self.data["paths"] = {f"{d['vm']}:{d['disk']}": d["path"] for d in ans["disks"]}
+        self.save()
+        self.note(f"image set {img['id']} committed: the replica files are the VMs' disks")
+
+    def step_rebase_disks(self):
+        hv = self.zvm.hypervisor
+        src = {m["vmIdentifier"]: m for m in self.vpg()["vms"]}
+        n = 0
+        for sid, c in self.rec["created"].items():
+            vm = hv.vm(c["id"])
+            for d in vm.disks:
+                path = self.data["paths"][f"{src[sid]['instanceUuid']}:{d.index}"]
+                if d.path != path:
+                    hv.rebase_disk(vm.id, d.index, path)
+                    n += 1
+        self.discard_images()             # a committed set is only forgotten
+        self.note(f"{n} disks rebased onto their replica files")
+
+    def step_finish(self):
+        if self.data.get("reverse"):
+            return None                   # the reverse protection steps follow
+        vpg = self.vpg()
+        try:                              # the replicas are the VMs' disks now: never drop them
+            self.vpgs.vra_call(self.vpgs.recovery_vra(vpg), "DELETE",
+                               f"/v1/recovery/vpgs/{self.vpg_id}?keep_replicas=1")
+        except NotFound:
+            pass
+        try:
+            self.source("recovered", {"deleteSourceVms": self.type == "Move" and
+                                      not self.data.get("keepSourceVms")})
+        except Unavailable as exc:
+            self.note(f"the protected site does not answer ({exc}): mark it there when it is back")
+        self.vpgs.set_state(self.vpg_id, status=RECOVERED, substatus=SUB_NONE, activeProcess=None)
+        return "done"
+
+    def step_done(self):
+        pass
+
+    # -- rollback
+    def _committed(self) -> bool:
+        if self.data.get("committing"):
+            self.note("the images were committed: nothing to roll back; finish the commit "
+                      "(the recovered VMs run on the replicas)")
+            return True
+        return False
+
+    def undo_rolling_back(self):
+        if not self._committed():
+            self.mark_state(self.status, self.sub_rolling_back, "RollingBack")
+
+    def undo_delete_vms(self):
+        if not self.data.get("committing"):
+            self.power_off()
+            self.delete_vms()
+
+    def undo_discard_images(self):
+        if not self.data.get("committing"):
+            self.discard_images()
+
+    def undo_restart_sources(self):
+        if self.data.get("committing") or not self.data.get("poweredOff"):
+            return
+        self.source("poweron", {"vms": self.data["poweredOff"]})
+        self.note(f"source VMs powered on again: {len(self.data['poweredOff'])}")
+        self.data["poweredOff"] = []
+        self.save()
+
+    def undo_resume_replication(self):
+        if self.data.get("committing"):
+            return
+        ans = self.source("resume", {}, timeout=RESUME_CALL_S)
+        self.note(f"replication resumed: delta sync {ans.get('blocks_differing')} blocks differed")
+
+    def undo_unmark(self):
+        if not self.data.get("committing"):
+            self.vpgs.set_state(self.vpg_id, status=MEETING_SLA, substatus=SUB_NONE, activeProcess=None)
+
+    def on_done(self, ok: bool) -> None:
+        t = self.task
+        if ok:
+            status, text = "Passed", "committed" + (" with reverse protection" if self.data.get("reverse") else "")
+        elif t.get("stoppedByUser"):
+            status, text = "Stopped", "rolled back"
+        else:
+            status, text = "Failed", f"failed: {t.get('completeReason')}"
+        try:
+            self.write_report(self.recovery_type, status=status, notes=text)
+        except ZVMError as exc:
+            log.info("report of %s: %s", t["identifier"], exc)
+        vpg = self.vpgs.store.get("vpgs", self.vpg_id)
+        self.zvm.events.record(self.type, f"{self.type} of VPG {vpg['name'] if vpg else self.vpg_id} {text}",
+                               entity="VPG", success=ok or bool(t.get("stoppedByUser")),
+                               vpg=self.vpgs.link(vpg) if vpg else t.get("vpgLink"),
+                               user=t.get("initiatedBy", ""))
+
+
+@operation
+class Failover(LiveRecovery):
+    """Live failover of a VPG to a checkpoint (any recoverable one, e.g. an older one).
+
+        begin (FailingOver / BeforeCommit, both sites)
+          ─► shutdown_sources (policy None / Shutdown / ForceShutdown; protected site down: noted)
+          ─► stop_replication (the protected VRAs stop streaming: the journal holds still)
+          ─► open_images (image set at the checkpoint) ─► create_vms (failover network, re-IP)
+          ─► power_on (boot groups) ─► wait_commit ── WaitingForUserInput until FailoverCommit /
+             FailoverRollback, or the commit policy's default after timeToWaitBeforeShutdownInSec
+             │ commit                                         │ rollback (user or policy)
+             ▼                                                ▼
+          commit_images (FailingOverCommitting; the replicas  rolling_back (FailingOverRollingBack)
+             become the image content)                        ─► delete_vms ─► discard_images
+          ─► rebase_disks (VMs onto the replica files)        ─► restart_sources (those it shut
+          ─► finish: no reverse ─► Recovered (8) ─► done         down) ─► resume_replication
+             │ reverse                                           (delta sync) ─► unmark
+             ▼                                                ─► Stopped (5)
+          reverse_target ─► reverse_protect ─► reverse_sync ─► reverse_checkpoint ─► done (MeetingSLA)
+
+        a step fails before commit_images ─► the rollback steps ─► Failed (4)
+        a step fails after commit_images began ─► Failed (4), nothing undone (the VMs run on the
+            committed replicas); the task's reason says which step
+    """
+    type = "Failover"
+    steps = ("begin", "shutdown_sources", "stop_replication", "open_images", "create_vms",
+             "power_on", "wait_commit", "commit_images", "rebase_disks", "finish",
+             "reverse_target", "reverse_protect", "reverse_sync", "reverse_checkpoint", "done")
+    rollback_steps = ("rolling_back", "delete_vms", "discard_images", "restart_sources",
+                      "resume_replication", "unmark")
+
+
+# ------------------------------------------------------------------ the protected site's part
+class SourceSide:
+    """What a live recovery asks of the VPG's protected site (``/v1/internal/vpgs/{id}/source``)."""
+
+    def __init__(self, zvm):
+        self.zvm = zvm
+
+    @property
+    def vpgs(self):
+        return self.zvm.services["vpgs"]
+
+    def _vpg(self, vpg_id: str) -> dict:
+        vpg = self.vpgs.get(vpg_id)
+        if vpg["role"] != "protected":
+            raise Conflict(f"VPG {vpg['name']} is not protected from this site")
+        return vpg
+
+    def state(self, vpg_id: str, body: dict) -> None:
+        self._vpg(vpg_id)
+        self.vpgs.set_state(vpg_id, status=int(body["status"]), substatus=int(body["substatus"]),
+                            activeProcess=body.get("activeProcess"))
+
+    def shutdown(self, vpg_id: str, force: bool, vms: list[str] | None) -> dict:
+        """Power off the VPG's source VMs (all, or ``vms``); which ones were running."""
+        vpg = self._vpg(vpg_id)
+        hv = self.zvm.hypervisor
+        off, names = [], []
+        for m in vpg["vms"]:
+            if vms and m["vmIdentifier"] not in vms:
+                continue
+            try:
+                vm = hv.vm(m["vmIdentifier"])
+            except HvNotFound:
+                continue
+            if vm.power_state == "poweredOn":
+                hv.power_off(vm.id, graceful=not force)
+                off.append(vm.id)
+                names.append(vm.name)
+        return {"poweredOff": off, "names": names}
+
+    def power_on(self, vpg_id: str, vms: list[str]) -> dict:
+        self.vpgs.get(vpg_id)
+        hv = self.zvm.hypervisor
+        on = []
+        for vid in vms:
+            try:
+                if hv.vm(vid).power_state != "poweredOn":
+                    hv.power_on(vid)
+                    on.append(vid)
+            except HvNotFound:
+                continue
+        return {"poweredOn": on}
+
+    def checkpoint(self, vpg_id: str, tag: str | None, timeout_s: float = 90.0) -> dict:
+        """A valid checkpoint taken now, once it is recoverable at the recovery site: every
+        write before it is durable there."""
+        vpg = self._vpg(vpg_id)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            cp = self.vpgs.take_checkpoint(vpg, tag)
+            if cp.get("valid"):
+                break
+            if time.monotonic() > deadline:
+                raise Conflict("no valid checkpoint in time (the last one: "
+                               f"{'; '.join(cp.get('problems') or []) or 'not valid'})")
+            time.sleep(0.3)
+        while True:
+            got = next((c for c in self.vpgs.checkpoints(vpg) if c["id"] == cp["id"]), None)
+            if got:
+                return got
+            if time.monotonic() > deadline:
+                raise Unavailable(f"checkpoint {cp['id']} did not become recoverable in time")
+            time.sleep(0.2)
+
+    def stop(self, vpg_id: str) -> None:
+        self.vpgs.unprotect(self._vpg(vpg_id))
+
+    def resume(self, vpg_id: str) -> dict:
+        """Protect again and delta-sync (a rolled-back failover or move): nothing written at the
+        source meanwhile is lost. The status monitor takes the VPG over again."""
+        vpg = self._vpg(vpg_id)
+        vpg = self.vpgs.protect(vpg)
+        self.vpgs.set_state(vpg_id, syncing=True)
+        try:
+            out = self.vpgs.sync(vpg)
+        finally:
+            self.vpgs.set_state(vpg_id, syncing=False, status=MEETING_SLA, substatus=SUB_NONE,
+                                activeProcess=None)
+        return out
+
+    def recovered(self, vpg_id: str, delete_source_vms: bool) -> None:
+        """After a commit without reverse protection: replication stays off, the VPG shows
+        Recovered; a Move removes the source VMs (keeping their disk files) unless kept."""
+        vpg = self._vpg(vpg_id)
+        self.vpgs.unprotect(vpg, ignore_errors=True)
+        hv = self.zvm.hypervisor
+        if delete_source_vms:
+            for m in vpg["vms"]:
+                try:
+                    hv.delete_vm(m["vmIdentifier"], keep_disks=True)
+                except HvNotFound:
+                    pass
+        self.vpgs.set_state(vpg_id, status=RECOVERED, substatus=SUB_NONE, activeProcess=None)
+
+
+def reason_moving(vpg: dict) -> str:
+    st = vpg["state"]["status"]
+    return {FAILING_OVER: "fails over", MOVING: "moves", RECOVERED: "is recovered already"}.get(
+        st, "is busy")
