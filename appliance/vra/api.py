@@ -7,6 +7,8 @@ import os
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from appliance.dss.errors import DSSError as _DSSError
+
 from .service import DELTA_BLOCK, MAX_HASH_SPAN, VRA, SyncError
 
 class APIError(Exception):
@@ -28,6 +30,15 @@ def create_app(vra: VRA) -> Flask:
     @app.errorhandler(APIError)
     def _api(exc):
         return problem(exc.status, "BadRequest" if exc.status == 400 else "Conflict", str(exc))
+
+    @app.errorhandler(_DSSError)
+    def _dss(exc):
+        from appliance.dss.errors import JournalCorrupt, UnknownDisk, UnknownVPG
+        if isinstance(exc, JournalCorrupt):   # reported loudly, never served as data
+            return problem(500, "Journal corrupt", str(exc))
+        if isinstance(exc, (UnknownVPG, UnknownDisk)):
+            return problem(404, "Not found", str(exc))
+        return problem(409, "Conflict", str(exc))
 
     @app.errorhandler(HTTPException)
     def _http(exc):
@@ -167,6 +178,13 @@ def create_app(vra: VRA) -> Flask:
         j = need(vra.journal, "recovery")
         keep = request.args.get("keep_replicas", "0").lower() in ("1", "true")
         if vpg in j.vpgs():
+            busy = [i["image"] for i in (vra.images.list() if vra.images else [])
+                    if i["vpg"] == vpg and i["state"] in ("open", "committing")]
+            if busy:
+                e = APIError(f"VPG {vpg} has open recovery images {', '.join(busy)}: "
+                             "discard or commit them first")
+                e.status = 409
+                raise e
             vra.receiver.targets.pop(vpg, None)
             j.delete_vpg(vpg, keep)
         return "", 204
