@@ -96,14 +96,16 @@ class FailoverTestStop(RecoveryOp):
 
         POST FailoverTestStop ── no test running, or it is still starting: 409
           ▼
-        take ──► stage ──► power_off ──► delete_vms ──► discard_images ──► record ──► unmark ──► Completed
-        (the test's   (stage                                               (report: result,  (no active
-         record)       Stopping)                                            summary; lastTest) process)
-          │ a step fails: Failed (4); the test stays recorded, FailoverTestStop can be asked again
+        take ──► stage ──► power_off ──► delete_vms ──► discard_images ──► unmark ──► Completed (6)
+        (the test's  (stage                                             (no active process;
+         record)      Stopping)                                          lastTest) then the report:
+                                                                         result, summary, all steps
+          │ a step fails: Failed (4), the report says so; the test stays recorded and
+          │ FailoverTestStop can be asked again
           │ (every step is idempotent; a restarted ZVM re-runs the step in progress)
     """
     type = "FailoverTestStop"
-    steps = ("take", "stage", "power_off", "delete_vms", "discard_images", "record", "unmark")
+    steps = ("take", "stage", "power_off", "delete_vms", "discard_images", "unmark")
 
     def step_take(self):
         if self.data.get("test"):
@@ -130,18 +132,10 @@ class FailoverTestStop(RecoveryOp):
     def step_discard_images(self):
         self.discard_images()
 
-    def step_record(self):
+    def step_unmark(self):
         ok = bool(self.params.get("failoverTestSuccess", True))
         self.data.setdefault("stoppedAt", time.time())
         self.save()
-        self.write_report("FailoverTest", report_id=self.data["test"]["task"],
-                          status="Passed" if ok else "Failed",
-                          notes=self.params.get("failoverTestSummary") or "",
-                          rto_s=(self.data["test"].get("poweredOnAt") or 0) - self.data["test"]["started"]
-                          if self.data["test"].get("poweredOnAt") else None)
-
-    def step_unmark(self):
-        ok = bool(self.params.get("failoverTestSuccess", True))
         with self.vpgs.update(self.vpg_id) as doc:
             doc.pop("_failoverTest", None)
         self.set_process(None, lastTest=_iso(self.data["stoppedAt"]),
@@ -151,6 +145,16 @@ class FailoverTestStop(RecoveryOp):
                                f"stopped: {'passed' if ok else 'failed'}", entity="VPG",
                                vpg=self.task.get("vpgLink"), user=self.task.get("initiatedBy", ""))
 
+    def on_done(self, ok: bool) -> None:
+        test = self.data.get("test")
+        if not test:
+            return
+        passed = bool(self.params.get("failoverTestSuccess", True))
+        self.write_report("FailoverTest", report_id=test["task"],
+                          status=("Passed" if passed else "Failed") if ok else "StopFailed",
+                          notes=(self.params.get("failoverTestSummary") or "") if ok else
+                          f"stopping the test failed: {self.task.get('completeReason')}",
+                          rto_s=test["poweredOnAt"] - test["started"] if test.get("poweredOnAt") else None)
 
 @forward.handler("FailoverTest")
 def start_test(zvm, vpg: dict, params: dict, user: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .. import forward
 from ..errors import BadRequest
-from ..schema import ANY, BOOL, STR, arr, nullable, obj
+from ..schema import BOOL, NUM, STR, arr, nullable, obj
 from ..vpgs import Vpgs
 from ..operations import clone, failovertest  # noqa: F401  (register the operations and handlers)
 
@@ -21,10 +21,10 @@ def register(api, zvm):
     api.schema("CloneStartDataApi", obj(("checkpointId",), checkpointId=STR,
                                         datastoreIdentifier=nullable(STR),
                                         vmIdentifiers=nullable(arr(STR))))
-    api.schema("InternalActiveProcess", obj(activeProcess=ANY, state=ANY))
+    api.schema("InternalActiveProcess", obj(activeProcess=nullable(obj()), state=nullable(obj())))
     api.schema("InternalReport", obj(("recoveryOperationIdentifier",),
-                                     recoveryOperationIdentifier=STR, general=ANY,
-                                     recoverySettings=ANY, created=ANY))
+                                     recoveryOperationIdentifier=STR, general=obj(),
+                                     recoverySettings=obj(), created=nullable(NUM)))
     vp = "/v1/vpgs/{vpgIdentifier}"
 
     def op_route(name: str, summary: str, body: str | None):
@@ -50,7 +50,7 @@ def register(api, zvm):
                body="InternalActiveProcess", role="peer")
     def active_process(req, vpgIdentifier):
         state = req.body.get("state") or {}
-        if not isinstance(state, dict) or set(state) - {"lastTest", "lastTestResult", "lastTestSummary"}:
+        if set(state) - {"lastTest", "lastTestResult", "lastTestSummary"}:
             raise BadRequest("state may set lastTest, lastTestResult and lastTestSummary only")
         svc.get(vpgIdentifier)
         svc.set_state(vpgIdentifier, activeProcess=req.body.get("activeProcess"), **state)
