@@ -150,8 +150,6 @@ def abort_clone(zvm, vpg: dict, params: dict, user: str) -> str:
     task = active_task(zvm, vpg["identifier"], "CloneStart")
     if task is None:
         raise Conflict(f"VPG {vpg['name']} has no clone running")
-    with zvm.services["vpgs"].update(vpg["identifier"]) as doc:
-        if not doc.get("_clone"):
-            raise Conflict(f"VPG {vpg['name']} has no clone running")
-        doc["_clone"]["abort"] = True
+    with zvm.services["vpgs"].update(vpg["identifier"]) as doc:     # seen by copy_disks
+        doc.setdefault("_clone", {"task": task["identifier"], "started": task["started"]})["abort"] = True
     return task["identifier"]
