@@ -61,6 +61,7 @@ bench: setup
 	$(PY) bench/kernels.py --quick
 	$(PY) bench/journal.py --quick
 	$(PY) bench/replication.py --quick
+	$(PY) bench/rto.py --quick
 
 clean: lab-down
 	rm -rf $(BUILD) $(VENV) $(LAB_DIR)
