@@ -232,6 +232,11 @@ class ReverseSteps:
                       f"{out['blocks_sent']} sent ({out['bytes_sent']} bytes)")
 
     def step_reverse_checkpoint(self):
+        """A valid checkpoint (every VM's writes clean at the barrier). It becomes recoverable
+        once the journal holds a write: a cut at an empty journal makes no checkpoint
+        (appliance/vra/recovery.py), and a delta sync that sent nothing leaves it empty; the
+        replicas equal the VMs' disks already then, and the first write brings the first
+        recoverable checkpoint."""
         vpg = self.vpg()
         deadline = time.monotonic() + CHECKPOINT_WAIT_S
         while True:
@@ -239,12 +244,17 @@ class ReverseSteps:
                 cp = self.vpgs.take_checkpoint(vpg)
             except ZVMError as exc:       # the leader may still be starting its coordinator
                 cp = {"valid": False, "problems": [str(exc)]}
-            if cp.get("valid") and any(c["id"] == cp["id"] for c in self._wait_recoverable(cp, deadline)):
+            if cp.get("valid"):
                 break
             if time.monotonic() > deadline:
                 raise Conflict("the reversed VPG took no valid checkpoint in time: "
                                f"{'; '.join(cp.get('problems') or []) or 'not valid'}")
             time.sleep(0.5)
+        recoverable = any(c["id"] == cp["id"] for c in
+                          self._wait_recoverable(cp, min(deadline, time.monotonic() + 10)))
+        self.note(f"checkpoint {cp['id']} valid" + ("" if recoverable else
+                  "; not recoverable yet: nothing was journaled since the sync (the replicas "
+                  "equal the disks), the first write makes the first recoverable checkpoint"))
         self.vpgs.set_state(self.vpg_id, status=MEETING_SLA, substatus=SUB_NONE,
                             initialSyncDone=time.time(), activeProcess=None, lastError=None)
         self.data["reverseCheckpoint"] = cp["id"]
@@ -252,7 +262,7 @@ class ReverseSteps:
         sent = (self.data.get("reverseSync") or {}).get("blocks_sent")
         self.zvm.events.record("ReverseProtection",
                                f"VPG {vpg['name']} protects its recovered VMs back to the original "
-                               f"site (delta sync sent {sent} blocks); checkpoint {cp['id']}",
+                               f"site (delta sync sent {sent} blocks)",
                                entity="VPG", vpg=self.vpgs.link(vpg), user=self.task.get("initiatedBy", ""))
 
     def _wait_recoverable(self, cp: dict, deadline: float) -> list[dict]:
