@@ -133,16 +133,28 @@ def vra_main(doorbell: str, replica: str, conn, cpu: int | None = None):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def preallocate(path: str, size: int):
-    """Allocate the whole file and read it once, so that every page is cached and clean."""
+def preallocate(path: str, size: int, written: bool = True):
+    """Allocate the whole file and read it once, so that every page is cached and clean.
+
+    ``written``: write every block once (zeros), like an eager-zeroed thick disk, so that no
+    timed run pays the filesystem's conversion of never-written (fallocated) extents, which
+    makes a file slower the first time each region is written and so drifts from run to run.
+    Otherwise only fallocate.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError:
-            pass  # a filesystem without fallocate: the read pass still caches the pages
+        if written:
+            zero = bytes(8 * MiB)
+            for off in range(0, size, len(zero)):
+                os.pwrite(fd, zero[:min(len(zero), size - off)], off)
+            os.fsync(fd)
+        else:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError:
+                pass  # a filesystem without fallocate: the read pass still caches the pages
         buf = bytearray(8 * MiB)
         view = memoryview(buf)
         for off in range(0, size, len(buf)):
@@ -232,6 +244,9 @@ def main(argv=None) -> int:
                     help="pin the host (guest writes) and the VRA to different CPUs")
     ap.add_argument("--no-nofill-baseline", action="store_true",
                     help="skip the informational raw run in which the guest does no work for its data")
+    ap.add_argument("--disk-init", choices=("written", "fallocate"), default="written",
+                    help="disk and replica files: every block written once (default) or only "
+                         "fallocated (first writes then pay extent conversion)")
     ap.add_argument("--hot-window-mib", type=float, default=None,
                     help="the ring producer's hot window (default: simulator.ring.HOT_WINDOW; "
                          "0: none, the ring is used linearly)")
@@ -269,8 +284,8 @@ def main(argv=None) -> int:
         disk_path = str(work / "disk0.img")
         replica_path = str(work / "replica0.img")
         log(f"pre-allocating {args.disk_mib} MiB disk and replica in {work} ...")
-        preallocate(disk_path, capacity)
-        preallocate(replica_path, capacity)
+        preallocate(disk_path, capacity, args.disk_init == "written")
+        preallocate(replica_path, capacity, args.disk_init == "written")
         flush()
         host = Host(state)
         threading.Thread(target=host.serve_doorbell, args=(stop,), daemon=True).start()
