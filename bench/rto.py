@@ -115,7 +115,7 @@ def one_size(disk_mib: int, runs: int, latency_s: float | None, root: Path, log)
     try:
         t0 = time.monotonic()
         lab.up(sites=2, hosts=2, vms=10, disk_mib=disk_mib, workload=False)
-        made = {}
+        made = zvms = {}                       # stopped in the finally, whatever fails
 
         def start(site, key=None, **settings):
             z = ZVMProcess(root / f"zvm-{disk_mib}-{key or site}", site, hypervisor={
@@ -126,7 +126,6 @@ def one_size(disk_mib: int, runs: int, latency_s: float | None, root: Path, log)
             made[key or site] = z
             return z.start()
         s = protected_site(lab, start, key="rto", name="vpg-rto", vms_on_h0=False)
-        zvms = made
         setup = time.monotonic() - t0
         log(f"{disk_mib} MiB: lab, ZVMs, VRAs and a 10-VM VPG meeting its SLA in {setup:.0f} s")
         runs_out = measure_rto(s["a"], s["vpg"], runs)
@@ -166,7 +165,7 @@ def main() -> int:
         root = Path(args.dir)
         root.mkdir(parents=True, exist_ok=True)
     else:
-        tmp = tempfile.TemporaryDirectory(prefix="tidemark-rto-")
+        tmp = tempfile.TemporaryDirectory(prefix="tidemark-rto-", ignore_cleanup_errors=True)
         root = Path(tmp.name)
     try:
         results = [one_size(m, runs, (3.0 if args.quick else 10.0) if m == sizes[-1] else None,
