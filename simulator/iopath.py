@@ -10,8 +10,8 @@ longer than that. A bitmap sync later reads the dirty blocks back from the disk
 the writes around them.
 
 Ordering for one write (crash safety, see docs/FORMAT.md):
-1. reserve the record (seq, vm_seq), fill the payload, write its header but not
-   its magic;
+1. reserve the record (seq, vm_seq; its header is written then, magic and
+   checksum 0), let the guest fill the payload in place, write the checksum;
 2. pwrite the payload to the disk file;
 3. write the magic (commit): the consumer may now apply it;
 4. acknowledge the guest.
