@@ -103,8 +103,10 @@ def _cell(doc, key: str) -> str:
     return "" if v is None else str(v)
 
 
-def follow(ctx: Ctx, task_id, label: str, wait: bool = True, timeout: float = 1800):
-    """Show a task's progress bar until it ends or waits for the user."""
+def follow(ctx: Ctx, task_id, label: str, wait: bool = True, timeout: float = 1800,
+           stopped_ok: bool = False):
+    """Show a task's progress bar until it ends or waits for the user. ``stopped_ok``: a rollback
+    answers the operation's own task, which ends Stopped (5) when the rollback is done."""
     if not wait:
         out(ctx, {"TaskIdentifier": task_id}) if ctx.json else click.echo(task_id)
         return
@@ -128,7 +130,7 @@ def follow(ctx: Ctx, task_id, label: str, wait: bool = True, timeout: float = 18
         click.echo(f"{t['Type']} {names.get(state, state)}"
                    + (f": {t['CompleteReason']}" if t.get("CompleteReason") else "")
                    + f"  (task {task_id})")
-    if state in (4, 5):
+    if state == 4 or (state == 5 and not stopped_ok):
         sys.exit(5)
 
 
@@ -483,7 +485,7 @@ def register(main: click.Group) -> None:
         """Roll back a failover or move that waits for a decision."""
         vid = vpg_id(ctx, vpg)
         tid = ctx.client.post(f"/v1/vpgs/{vid}/{'moveRollback' if is_move else 'FailoverRollback'}")
-        follow(ctx, tid, "rollback", wait)
+        follow(ctx, tid, "rollback", wait, stopped_ok=True)
 
     @vpgs.command("clone")
     @click.argument("vpg")
@@ -499,7 +501,7 @@ def register(main: click.Group) -> None:
         if abort:
             r = ctx.client.post(f"/v1/vpgs/{vid}/CloneAbort")
             if isinstance(r, str) and r:
-                follow(ctx, r, "abort", wait)
+                follow(ctx, r, "abort", wait, stopped_ok=True)
             return
         body = {"CheckpointId": checkpoint_id(ctx, vid, checkpoint)}
         if datastore:
@@ -546,7 +548,8 @@ def register(main: click.Group) -> None:
             @pass_ctx
             @run
             def cmd(ctx, vm, vpg, wait):
-                follow(ctx, ctx.client.post(f"/v1/vms/{vm}/{verb}", vpg_id(ctx, vpg)), verb, wait)
+                follow(ctx, ctx.client.post(f"/v1/vms/{vm}/{verb}", vpg_id(ctx, vpg)), verb, wait,
+                       stopped_ok=verb == "RestoreRollback")
         make()
 
     # -- tasks, alerts, events, reports
