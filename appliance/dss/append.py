@@ -51,6 +51,11 @@ def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], 
                                          f"of a {d.capacity}-byte disk")
             disks.append(d)
             prev = p
+        if prev is None and checkpoints and all(cp.pos.lsn == 0 for cp in checkpoints):
+            # Nothing journaled yet: a checkpoint at (generation, 0) is the replicas as they are
+            # (an idle VPG, or an initial sync that found nothing to send). It makes that
+            # position durable, and the generation's first entry follows it at lsn 1.
+            prev = max(cp.pos for cp in checkpoints)
         floor = v.pins.floor
         for cp in checkpoints:
             if prev is None or cp.pos > prev:

@@ -279,8 +279,9 @@ class VPGTarget:
                 self.cut.pop(old)
             self.abandoned = {x for x in self.abandoned if x >= k}   # barriers only grow
         cp = None
-        if cut is not None and cut.lsn > 0 and info.get("valid", True):
+        if cut is not None and info.get("valid", True):
             # The cut's entries are in this group or an earlier one: groups are appended in order.
+            # A cut at lsn 0 (nothing journaled yet) is a checkpoint of the replicas as they are.
             cp = Checkpoint(k, cut, float(info["time"]), info.get("tag"))
         self._add(source, [r], cp)
 

@@ -94,6 +94,11 @@ class ZVMClient:
                 r = self.session.request(method, self.url + path, json=json_body, params=params,
                                          headers={"Authorization": f"Bearer {self.token()}"},
                                          timeout=timeout or self.timeout, verify=self.verify)
+            except requests.ConnectionError as exc:
+                # a pooled connection the server closed meanwhile: reads are retried once
+                if attempt == 1 and method == "GET":
+                    continue
+                raise Unavailable(f"cannot reach the ZVM at {self.url}: {exc}") from exc
             except requests.RequestException as exc:
                 raise Unavailable(f"cannot reach the ZVM at {self.url}: {exc}") from exc
             if r.status_code == 401 and attempt == 1:

@@ -122,6 +122,8 @@ def serve(cfg: ZVMConfig) -> None:
             self.cfg.set("threads", cfg.threads)
             self.cfg.set("timeout", 120)
             self.cfg.set("graceful_timeout", 10)
+            # clients keep connections open between polls; a 2 s keep-alive races their reuse
+            self.cfg.set("keepalive", 75)
             self.cfg.set("accesslog", None)
             self.cfg.set("errorlog", "-")
             self.cfg.set("loglevel", "warning")

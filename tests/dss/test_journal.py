@@ -6,7 +6,7 @@ import pytest
 from appliance.dss import (Checkpoint, DSSError, DuplicateEntry, Entry, InvalidAppend, Journal, JournalSettings,
                            Pos, StreamGap, UnknownDisk, UnknownVPG)
 
-from .conftest import CAPACITY, DISKS, VMS, VPG, Model, make_journal, read_disks, run_workload
+from .conftest import CAPACITY, DISKS, T0, VMS, VPG, Model, make_journal, read_disks, run_workload
 
 
 def snapshot(j):
@@ -161,3 +161,29 @@ def test_source_progress_is_stored_with_the_batch(tmp_path):
     j.create_vpg(VPG, JournalSettings(replica_dir=str(tmp_path / "rep")))
     assert j.progress(VPG) == {}
     j.close()
+
+
+def test_an_empty_journal_takes_a_checkpoint_of_the_replicas(tmp_path):
+    """An idle VPG (or an initial sync that found nothing to send) has nothing journaled: a
+    checkpoint at (generation, 0) is recoverable and reads the replicas; writes follow it."""
+    j = make_journal(tmp_path / "db", tmp_path / "replicas")
+    try:
+        vm, disk = DISKS[0]
+        assert j.durable_pos(VPG) is None and j.checkpoints(VPG) == []
+        cp = Checkpoint(1, Pos(1, 0), T0, "idle")
+        j.append(VPG, [], [cp])
+        assert j.durable_pos(VPG) == Pos(1, 0) and j.checkpoints(VPG) == [cp]
+        assert j.read(VPG, vm, disk, 0, 8192, cp) == bytes(8192)
+        with pytest.raises(Exception, match="after the last entry"):   # not past what exists
+            j.append(VPG, [], [Checkpoint(2, Pos(1, 1), T0 + 1, None)])
+        j.append(VPG, [Entry(Pos(1, 1), vm, disk, 4096, b"x" * 4096)],
+                 [Checkpoint(2, Pos(1, 1), T0 + 1, None)])
+        assert j.read(VPG, vm, disk, 4096, 4096, j.checkpoints(VPG)[-1]) == b"x" * 4096
+        assert j.read(VPG, vm, disk, 4096, 4096, cp) == bytes(4096)
+    finally:
+        j.close()
+    j = make_journal(tmp_path / "db", tmp_path / "replicas")      # and after a reopen
+    try:
+        assert j.durable_pos(VPG) == Pos(1, 1) and [c.id for c in j.checkpoints(VPG)] == [1, 2]
+    finally:
+        j.close()
