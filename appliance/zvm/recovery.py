@@ -44,8 +44,9 @@ from .events import _iso
 from .hypervisor import DiskSpec, NicSpec, RecoveryImage, VMSpec
 from .hypervisor.errors import HypervisorError
 from .hypervisor.errors import NotFound as HvNotFound
-from .tasks import ACTIVE, Operation
+from .tasks import ACTIVE
 from .vpgs import vra_url
+from .vpgtasks import VpgOp
 from .vpgsettings import nic_id
 
 log = logging.getLogger("tidemark.zvm.recovery")
@@ -198,19 +199,8 @@ def vm_spec(vpg: dict, vm: dict, image: dict, *, name: str, test: bool,
 
 
 # ---------------------------------------------------------------- the operation base class
-class RecoveryOp(Operation):
+class RecoveryOp(VpgOp):
     """An Operation of the recovery site with the primitives as idempotent methods."""
-
-    @property
-    def vpgs(self):
-        return self.zvm.services["vpgs"]
-
-    @property
-    def vpg_id(self) -> str:
-        return self.task["vpg"]
-
-    def vpg(self) -> dict:
-        return self.vpgs.get(self.vpg_id)
 
     @property
     def rec(self) -> dict:

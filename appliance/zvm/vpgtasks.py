@@ -19,7 +19,9 @@ from .vpgs import (DELETING, INITIALIZING, MEETING_SLA, SUB_INITIAL_SYNC, SUB_NO
 CHECKPOINT_WAIT_S = 60.0
 
 
-class _VpgOp(Operation):
+class VpgOp(Operation):
+    """An Operation on one VPG (the task's ``vpg``), with the VPG service at hand."""
+
     @property
     def vpgs(self):
         return self.zvm.services["vpgs"]
@@ -73,7 +75,7 @@ class _VpgOp(Operation):
 
 
 @operation
-class CreateVpg(_VpgOp):
+class CreateVpg(VpgOp):
     type = "CreateVpg"
     steps = ("prepare_recovery", "protect", "initial_sync", "first_checkpoint")
     rollback_steps = ("unprotect", "drop_recovery", "forget")
@@ -122,7 +124,7 @@ class CreateVpg(_VpgOp):
 
 
 @operation
-class UpdateVpg(_VpgOp):
+class UpdateVpg(VpgOp):
     type = "UpdateVpg"
     steps = ("apply", "prepare_recovery", "protect", "sync_new")
     rollback_steps = ("restore",)
@@ -164,7 +166,7 @@ class UpdateVpg(_VpgOp):
 
 
 @operation
-class DeleteVpg(_VpgOp):
+class DeleteVpg(VpgOp):
     type = "DeleteVpg"
     steps = ("mark", "unprotect", "drop_recovery", "forget")
 
@@ -195,7 +197,7 @@ class DeleteVpg(_VpgOp):
 
 
 @operation
-class PauseVpg(_VpgOp):
+class PauseVpg(VpgOp):
     type = "PauseVpg"
     steps = ("pause",)
 
@@ -206,7 +208,7 @@ class PauseVpg(_VpgOp):
 
 
 @operation
-class ResumeVpg(_VpgOp):
+class ResumeVpg(VpgOp):
     type = "ResumeVpg"
     steps = ("resume",)
 
@@ -217,7 +219,7 @@ class ResumeVpg(_VpgOp):
 
 
 @operation
-class ForceSync(_VpgOp):
+class ForceSync(VpgOp):
     type = "ForceSync"
     steps = ("sync",)
 
@@ -235,7 +237,7 @@ class ForceSync(_VpgOp):
 
 
 @operation
-class InsertTaggedCheckpoint(_VpgOp):
+class InsertTaggedCheckpoint(VpgOp):
     type = "InsertTaggedCheckpoint"
     steps = ("take",)
     exclusive = False
