@@ -21,8 +21,12 @@ def b_hash(lab, name, disk):
     return lab.api("site-b", "GET", f"/api/vms/{name}/disks/{disk}/hash")["sha256"]
 
 
+_S: dict = {}
+
+
 def test_failover_to_an_older_checkpoint_then_rollback(zvm_lab, start_zvm):
     s = protected_site(zvm_lab, start_zvm, key="fo", name="vpg-fo")
+    _S.update(s)
     a, b, lab, vid = s["a"], s["b"], s["lab"], s["vpg"]
     scribble(lab, site_vms(lab), seed=21)
     k1 = tagged(a, vid, "older")
@@ -74,3 +78,37 @@ def test_failover_to_an_older_checkpoint_then_rollback(zvm_lab, start_zvm):
     check_images(s, vid, k3)
     report = a.ok("GET", f"/v1/reports/recovery/{tid}")
     assert report["General"]["RecoveryType"] == "Failover" and report["General"]["Status"] == "Stopped"
+
+
+def test_failover_committed_by_its_policy_after_the_timeout():
+    """Commit policy Commit with a 2 s wait: nobody decides, the failover commits by itself;
+    the recovered VMs keep running on plain disks (the replicas) equal to the checkpoint, the
+    VPG is Recovered at both sites, the source VMs stay shut down."""
+    if not _S:
+        import pytest
+        pytest.skip("needs the VPG of the test before")
+    s = _S
+    a, b, lab, vid = s["a"], s["b"], s["lab"], s["vpg"]
+    scribble(lab, site_vms(lab), seed=31)
+    k = tagged(a, vid, "commit-me")
+    at_k = source_hashes(lab)
+    tid = a.ok("POST", f"/v1/vpgs/{vid}/Failover", json={
+        "CheckpointIdentifier": str(k), "CommitPolicy": 1, "TimeToWaitBeforeShutdownInSec": 2,
+        "ShutdownPolicy": 1, "IsReverseProtection": False})
+    t = wait_state(a, tid, (6,), 300)
+    assert any("commit" in x["Step"] for x in t["Steps"]), t["Steps"]
+    rec = site_b_vms(lab)
+    assert sorted(rec) == sorted(n for n, _ in at_k)
+    for (name, disk), h in at_k.items():
+        assert b_hash(lab, name, disk) == h, f"{name} disk {disk} at checkpoint {k}"
+        v = lab.api("site-b", "GET", f"/api/vms/{name}")
+        assert v["power_state"] == "poweredOn" and not v["disks"][disk].get("image"), v
+    assert images(b, vid) == []
+    assert all(v["power_state"] == "poweredOff" for v in site_vms(lab))
+    wait_until(lambda: vpg(a, vid)["Status"] == 8 and vpg(b, vid)["Status"] == 8, 30, 0.3,
+               "the VPG to show Recovered at both sites")
+    # the recovered VMs are ordinary VMs now: a write lands in their plain disk
+    name = sorted(rec)[0]
+    lab.api("site-b", "POST", f"/api/vms/{name}/write",
+            json={"disk": 0, "offset": 0, "data": "Y29tbWl0dGVk"})
+    assert b_hash(lab, name, 0) != at_k[(name, 0)]
