@@ -279,6 +279,12 @@ class Journal:
         when no journal entry touches the range, so it is the image at that position there."""
         return _reader.replica_range(self, vpg, vm, disk, offset, length)
 
+    def replica_extents(self, vpg: str, vm: str, disk: int, offset: int, length: int):
+        """The replica file's data extents in the range (``[(start, end), ...]``, the rest holes:
+        zeros), or None if the file system cannot tell; use inside ``replica_range``'s context
+        where it gave a view (there the replica is the image)."""
+        return _reader.replica_extents(self, vpg, vm, disk, offset, length)
+
     @store.releases_iterators
     def promote(self, vpg: str, now: float | None = None) -> int:
         """Apply the entries older than the history window to the replicas; return how many."""

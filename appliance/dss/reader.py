@@ -94,6 +94,18 @@ def replica_range(j, vpg: str, vm: str, disk: int, offset: int, length: int):
         v.pins.unpin(pos)
 
 
+def replica_extents(j, vpg: str, vm: str, disk: int, offset: int, length: int):
+    """The replica file's data extents in ``[offset, offset + length)`` (``appliance.extents``):
+    ``[(start, end), ...]``, the rest being holes (zeros); None if the file system cannot tell.
+    Of the image only where ``replica_range`` gave a view, and inside that context (the range
+    is stable while its position is pinned)."""
+    from appliance.extents import data_extents
+    v = j._vpg(vpg)
+    d = j._disk(v, vm, disk)
+    check_range(d, offset, length)
+    return data_extents(d.fd, offset, length)
+
+
 def check_range(d: DiskInfo, offset: int, length: int) -> None:
     if offset < 0 or length < 0 or offset + length > d.capacity:
         raise ValueError(f"{length} bytes at offset {offset} are outside disk {d.disk} of VM {d.vm} "

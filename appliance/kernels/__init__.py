@@ -21,6 +21,7 @@ and only the partial last block is copied; ``block_size``: a positive multiple
 of 8, typically 4096)::
 
     block_hashes(data, block_size)        -> uint64[nblocks]
+    zero_block_hash(block_size)           -> int          the hash of an all-zero block (a hole)
     compare_hashes(a, b)                  -> int64[k]     indices where a != b
     zero_blocks(data, block_size)         -> bool[nblocks]
     bitmap_set(bitmap, first_block, count)               set bits [first, first+count) in place
@@ -78,7 +79,7 @@ from . import reference
 
 __all__ = [
     "HASH_VERSION", "KernelSelfTestError", "backend", "self_test",
-    "block_hashes", "compare_hashes", "zero_blocks", "bitmap_set", "bitmap_scan", "bitmap_runs",
+    "block_hashes", "zero_block_hash", "compare_hashes", "zero_blocks", "bitmap_set", "bitmap_scan", "bitmap_runs",
 ]
 
 HASH_VERSION = 1
@@ -301,6 +302,20 @@ def block_hashes(data, block_size: int) -> np.ndarray:
     u8 = _as_u8(data)
     block_size = _check_block_size(block_size)
     return _kernels().block_hashes(u8, block_size)
+
+
+def zero_block_hash(block_size: int) -> int:
+    """The hash of an all-zero ``block_size`` block: what every block of a hole hashes to, so delta
+    sync answers holes without reading them (the last partial block of a disk too: it is
+    hashed zero-padded)."""
+    block_size = _check_block_size(block_size)
+    h = _zero_hashes.get(block_size)
+    if h is None:
+        h = _zero_hashes[block_size] = int(block_hashes(np.zeros(block_size, dtype=np.uint8), block_size)[0])
+    return h
+
+
+_zero_hashes: dict[int, int] = {}
 
 
 def compare_hashes(a, b) -> np.ndarray:

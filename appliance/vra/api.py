@@ -216,18 +216,25 @@ def create_app(vra: VRA) -> Flask:
     @app.get("/v1/recovery/vpgs/<vpg>/disks/<vm>/<int:disk>/hashes")
     def block_hashes(vpg, vm, disk):
         """Per-block hashes (XXH64, kernels.block_hashes) of a replica disk range at the durable
-        position: what a protected VRA's delta sync compares its source against."""
+        position: what a protected VRA's delta sync compares its source against.
+
+        With ``zero_runs=1`` (hashes format 2) blocks known to be zero without reading them --
+        replica holes where no journal entry touches the span -- are answered as runs
+        ``[[first, count], ...]`` (block numbers from ``offset``) and left out of ``hashes``.
+        Without it, format 1: a hash for every block (holes hashed as zero blocks)."""
         import base64
 
         import numpy as np
 
         from appliance import kernels
         from appliance.dss import DSSError, NotRecoverable, Pos
+        from appliance.extents import block_runs
         j = need(vra.journal, "recovery")
         try:
             offset = int(request.args.get("offset", 0))
             length = int(request.args["length"])
             bs = int(request.args.get("block_size", DELTA_BLOCK))
+            runs_ok = request.args.get("zero_runs", "0") not in ("", "0", "false")
             if bs <= 0 or bs % 8 or offset < 0 or offset % bs or length < 0:
                 raise ValueError("block_size must be a positive multiple of 8, offset a multiple of it")
             if length > MAX_HASH_SPAN:
@@ -241,18 +248,39 @@ def create_app(vra: VRA) -> Flask:
             raise e
         length = max(0, min(length, cap - offset))
         step = max(bs, (16 << 20) // bs * bs)
+        zero_hash = np.uint64(kernels.zero_block_hash(bs))
         for _ in range(5):
             pos = j.durable_pos(vpg) or Pos(0, 0)
-            parts = []
+            parts, zero_runs = [], []
             try:
                 for o in range(offset, offset + length, step):
                     n = min(step, offset + length - o)
                     # where no journal entry touches the span the replica is the image: hash
                     # the file's pages in place (per block, that is the image at a durable
-                    # position, which is all delta sync needs; docs/FORMAT.md "Delta sync")
+                    # position, which is all delta sync needs; docs/FORMAT.md "Delta sync"),
+                    # and only its data extents: a hole is zeros without a read
                     with j.replica_range(vpg, vm, disk, o, n) as (_p, view):
                         if view is not None:
-                            parts.append(kernels.block_hashes(view, bs))
+                            ext = j.replica_extents(vpg, vm, disk, o, n)
+                            if ext is None:
+                                parts.append(kernels.block_hashes(view, bs))
+                                continue
+                            nb = -(-n // bs)
+                            first = (o - offset) // bs
+                            done = 0                      # blocks of this span answered so far
+                            for s, c in block_runs(ext, o, n, bs):
+                                if s > done:
+                                    if runs_ok:
+                                        zero_runs.append([first + done, s - done])
+                                    else:
+                                        parts.append(np.full(s - done, zero_hash, dtype=np.uint64))
+                                parts.append(kernels.block_hashes(view[s * bs:min(n, (s + c) * bs)], bs))
+                                done = s + c
+                            if nb > done:
+                                if runs_ok:
+                                    zero_runs.append([first + done, nb - done])
+                                else:
+                                    parts.append(np.full(nb - done, zero_hash, dtype=np.uint64))
                             continue
                     parts.append(kernels.block_hashes(j.read(vpg, vm, disk, o, n, pos), bs))
             except NotRecoverable:      # promoted past it meanwhile: again at the new position
@@ -261,9 +289,18 @@ def create_app(vra: VRA) -> Flask:
         else:
             raise APIError("the journal kept moving past the hashed position")
         hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
-        return jsonify({"pos": str(pos), "offset": offset, "length": length, "block_size": bs,
-                        "hash_version": kernels.HASH_VERSION,
-                        "hashes": base64.b64encode(hashes.astype("<u8").tobytes()).decode()})
+        out = {"pos": str(pos), "offset": offset, "length": length, "block_size": bs,
+               "hash_version": kernels.HASH_VERSION,
+               "hashes": base64.b64encode(hashes.astype("<u8").tobytes()).decode()}
+        if runs_ok:
+            merged = []
+            for s, c in zero_runs:                 # spans meet at 16 MiB: join their runs
+                if merged and merged[-1][0] + merged[-1][1] == s:
+                    merged[-1][1] += c
+                else:
+                    merged.append([s, c])
+            out.update(format=2, zero_runs=merged)
+        return jsonify(out)
 
     @app.get("/v1/recovery/vpgs/<vpg>/disks/<vm>/<int:disk>/hash")
     def image_hash(vpg, vm, disk):

@@ -145,14 +145,16 @@ class VRA:
             raise KeyError(f"VPG {vpg} is not protected here")
         members = set(side.vpgs[vpg]["vms"])
         out = {"disks": [], "blocks_compared": 0, "blocks_differing": 0, "blocks_sent": 0,
-               "zero_blocks": 0, "seconds": 0.0}
+               "zero_blocks": 0, "bytes_sent": 0, "bytes_read": 0, "blocks_in_holes": 0,
+               "seconds": 0.0}
         for vm in self._host_vms():
             if vm["instance_uuid"] not in members:
                 continue
             for d in vm["disks"]:
                 r = self.delta_sync(vpg, vm["instance_uuid"], d["index"])
                 out["disks"].append({"vm": vm["instance_uuid"], "disk": d["index"], **r})
-                for k in ("blocks_compared", "blocks_differing", "blocks_sent", "zero_blocks", "seconds"):
+                for k in ("blocks_compared", "blocks_differing", "blocks_sent", "zero_blocks",
+                          "bytes_sent", "bytes_read", "blocks_in_holes", "seconds"):
                     out[k] += r[k]
         return out
 
@@ -163,7 +165,10 @@ class VRA:
         (``kernels.block_hashes``), fetches the recovery VRA's hashes of the same range
         at its durable position, and has the host stream the differing blocks through
         the ring (``sync-blocks``: zero blocks as ZERO records without data), in order
-        with the guest's writes. While it runs, barriers of the VPG report it as dirty,
+        with the guest's writes. Hole-aware on both sides: the source's holes
+        (``appliance.extents``) are not read, their blocks hash as the zero block, and the
+        recovery VRA answers its replica's holes as zero runs (hashes format 2) without
+        reading them, so blocks that are holes on both sides are neither read nor hashed. While it runs, barriers of the VPG report it as dirty,
         so no checkpoint taken mid-sync is valid. See docs/FORMAT.md, "Delta sync".
         """
         import base64
@@ -173,6 +178,7 @@ class VRA:
         import requests
 
         from appliance import kernels
+        from appliance.extents import file_hashes
         side = self.protected
         if side is None or not self.cfg.host_url:
             raise SyncError("this VRA has no protected side (doorbell and host_url) configured")
@@ -199,23 +205,37 @@ class VRA:
         auth = {"Authorization": f"Bearer {self.vpg_settings[vpg].get('target_token') or self.cfg.token}"}
         bs = DELTA_BLOCK
         out = {"vm": vm_uuid, "disk": disk, "blocks_compared": 0, "blocks_differing": 0,
-               "blocks_sent": 0, "zero_blocks": 0, "bytes_sent": 0, "seconds": 0.0,
-               "seconds_streaming": 0.0}
+               "blocks_sent": 0, "zero_blocks": 0, "bytes_sent": 0, "bytes_read": 0,
+               "blocks_in_holes": 0, "seconds": 0.0, "seconds_streaming": 0.0}
+        zero_hash = np.uint64(kernels.zero_block_hash(bs))
         t0 = time.monotonic()
         self._sync_begin(vpg)
         http = requests.Session()
         url = f"{recovery_url}/v1/recovery/vpgs/{vpg}/disks/{vm_uuid}/{disk}/hashes"
 
         def remote(off: int, n: int):
-            r = http.get(url, params={"offset": off, "length": n, "block_size": bs}, headers=auth,
-                         timeout=600)
+            """(hash per block, bool per block: a hole there, known zero without a read)."""
+            r = http.get(url, params={"offset": off, "length": n, "block_size": bs, "zero_runs": 1},
+                         headers=auth, timeout=600)
             if r.status_code >= 400:
                 raise SyncError(f"recovery VRA hashes: {r.text}")
             h = r.json()
             if int(h.get("hash_version", kernels.HASH_VERSION)) != kernels.HASH_VERSION:
                 raise SyncError(f"recovery VRA hashes are version {h['hash_version']}, "
                                 f"this VRA's {kernels.HASH_VERSION}")
-            return np.frombuffer(base64.b64decode(h["hashes"]), dtype="<u8")
+            hashes = np.frombuffer(base64.b64decode(h["hashes"]), dtype="<u8")
+            if int(h.get("format", 1)) < 2:            # an older recovery VRA: every block hashed
+                return hashes, np.zeros(len(hashes), dtype=bool)
+            nb = -(-int(h["length"]) // bs)
+            hole = np.zeros(nb, dtype=bool)
+            for s, c in h["zero_runs"]:
+                hole[int(s):int(s) + int(c)] = True
+            if int(nb - hole.sum()) != len(hashes):
+                raise SyncError(f"recovery VRA hashes at offset {off}: {len(hashes)} hashes for "
+                                f"{int(nb - hole.sum())} blocks outside its zero runs")
+            full = np.full(nb, zero_hash, dtype=np.uint64)
+            full[~hole] = hashes
+            return full, hole
 
         def stream(runs):
             t_stream = time.monotonic()
@@ -237,27 +257,28 @@ class VRA:
         streams = []
         try:
             buf = bytearray(min(DELTA_CHUNK, cap))
-            with open(path, "rb", buffering=0) as f:
+            fd = os.open(path, os.O_RDONLY)
+            try:
                 for i, off in enumerate(offs):
                     if i + 2 < len(offs):
                         o2 = offs[i + 2]
                         fetches[o2] = ahead.submit(remote, o2, min(DELTA_CHUNK, cap - o2))
                     n = min(DELTA_CHUNK, cap - off)
-                    view = memoryview(buf)[:n]
-                    got = f.readinto(view) if f.seek(off) == off else 0
-                    if got < n:                        # past the file's end: zeros
-                        view[got:] = bytes(n - got)
-                    src = kernels.block_hashes(view, bs)
-                    dst = fetches.pop(off).result()
+                    src, src_hole, nread = file_hashes(fd, off, n, bs, buf)
+                    out["bytes_read"] += nread
+                    dst, dst_hole = fetches.pop(off).result()
                     if len(dst) != len(src):
                         raise SyncError(f"the recovery side has {len(dst)} blocks at offset {off}, "
                                         f"the source {len(src)}: do the disk capacities match?")
                     diff = kernels.compare_hashes(src, dst)
                     out["blocks_compared"] += len(src)
                     out["blocks_differing"] += len(diff)
+                    out["blocks_in_holes"] += int((src_hole & dst_hole).sum())
                     if len(diff):
                         first = off // bs
                         streams.append(streamer.submit(stream, [[first + s, c] for s, c in _runs(diff)]))
+            finally:
+                os.close(fd)
             for fut in streams:
                 sent, secs = fut.result()
                 out["seconds_streaming"] += secs

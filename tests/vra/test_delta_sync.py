@@ -4,8 +4,15 @@ Initial sync into empty replicas, delta sync into an existing replica after the 
 tracking was lost, and a delta sync under a running workload: in each case only the differing
 4 KiB blocks move (zero blocks as ZERO records without data), and a valid checkpoint taken
 afterwards has images equal to the source disks.
+
+Sparse disks (holes on one side, both or neither): only data extents are read, holes on both
+sides are not hashed at all, a hole against data is still compared and synced, and the hashes
+of both sides (the recovery VRA's zero runs expanded) equal the reference kernels' hashes of the
+bytes read plainly.
 """
 import base64
+import ctypes
+import os
 import random
 import threading
 import time
@@ -14,7 +21,8 @@ import numpy as np
 import pytest
 import requests
 
-from appliance import kernels
+from appliance import extents, kernels
+from appliance.kernels import reference
 from test_replication import VPG, check_images, cut, replication, valid_cut, wait_until, workloads
 
 BS = 4096
@@ -166,3 +174,222 @@ def test_delta_sync_under_a_running_workload_converges(dsetup):
         sync_all(p)                                 # the final pass: little or nothing differs
     final = valid_cut(leader)
     check_images(rec, {final["id"]: final["hashes"]}, vms)
+
+
+# -- sparse disks ------------------------------------------------------------------------------
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _punch(path, offset, length):
+    """Deallocate a range of a disk file behind the IO filter (a TRIM the VRA never sees)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), path)
+    finally:
+        os.close(fd)
+
+
+def _extents(path, capacity):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return extents.data_extents(fd, 0, capacity)
+    finally:
+        os.close(fd)
+
+
+def _sparse_data(lab, vms):
+    """Three data extents per disk (64 KiB, one block, the last block), the rest holes."""
+    rnd = random.Random(3)
+    for v in vms:
+        for d in v["disks"]:
+            cap = d["capacity_bytes"]
+            for off, n in ((cap // 8, 64 << 10), (cap // 2 + 3 * BS, BS), (cap - BS, BS)):
+                _write(lab, v["name"], d["index"], off, rnd.randbytes(n))
+    _clear_bitmaps(lab, vms)
+
+
+def _reference_hashes(path, capacity):
+    with open(path, "rb") as f:
+        data = f.read(capacity)
+    data += bytes(capacity - len(data))
+    return reference.block_hashes(np.frombuffer(data, dtype=np.uint8), BS)
+
+
+def _recovery_hashes(rec, vm, disk, capacity, zero_runs):
+    """The recovery VRA's hashes of a whole disk (format 2 expanded), and its zero-run blocks."""
+    h = rec.call("GET", f"/v1/recovery/vpgs/{VPG}/disks/{vm}/{disk}/hashes",
+                 params={"offset": 0, "length": capacity, "block_size": BS,
+                         **({"zero_runs": 1} if zero_runs else {})})
+    got = np.frombuffer(base64.b64decode(h["hashes"]), dtype="<u8")
+    nb = -(-capacity // BS)
+    if not zero_runs:
+        assert "format" not in h and "zero_runs" not in h
+        return got, 0
+    assert h["format"] == 2
+    hole = np.zeros(nb, dtype=bool)
+    for first, count in h["zero_runs"]:
+        assert not hole[first:first + count].any()
+        hole[first:first + count] = True
+    full = np.full(nb, reference.block_hashes(np.zeros(BS, dtype=np.uint8), BS)[0], dtype=np.uint64)
+    full[~hole] = got
+    return full, int(hole.sum())
+
+
+def _check_recovery_hashes(rec, vms):
+    """Both answer formats equal the reference hashes of the source disks; blocks in zero runs."""
+    in_runs = 0
+    for v in vms:
+        for d in v["disks"]:
+            want = _reference_hashes(d["path"], d["capacity_bytes"])
+            for zr in (False, True):
+                got, n = _recovery_hashes(rec, v["instance_uuid"], d["index"], d["capacity_bytes"], zr)
+                assert np.array_equal(got, want), f"{v['name']} disk {d['index']} (zero_runs {zr})"
+                in_runs += n
+    return in_runs
+
+
+def _promote_all(rec, tmp):
+    """Promote the whole journal into the replicas (hard limit 1 byte, then none again): the
+    replicas then hold the data in place, sparse, and no journal entry touches them."""
+    disks_body = {"replica_dir": str(tmp / "replicas")}
+    rec.call("PUT", f"/v1/recovery/vpgs/{VPG}", json={**disks_body, "hard_limit_bytes": 1})
+    rec.call("POST", "/v1/recovery/maintain")
+    rec.call("PUT", f"/v1/recovery/vpgs/{VPG}", json=disks_body)
+    assert rec.call("GET", f"/v1/recovery/vpgs/{VPG}/usage")["entries"] == 0
+
+
+def test_file_hashes_of_a_sparse_file_equal_the_reference(tmp_path):
+    path = tmp_path / "disk"
+    cap = 9 * (1 << 20) + 1000                      # a partial last block
+    rnd = random.Random(11)
+    with open(path, "wb") as f:
+        f.truncate(cap)
+        for off, n in ((5000, 3000), (1 << 20, 64 << 10), (4 << 20, BS), (cap - 500, 500)):
+            f.seek(off)
+            f.write(rnd.randbytes(n))
+        f.seek(6 << 20)
+        f.write(bytes(2 * BS))                       # allocated zeros: data, hashed as zeros
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off, n in ((0, cap), (BS, 3 << 20), (2 << 20, 1 << 20), (cap - 1000, 1000), (0, cap + (1 << 20))):
+            hashes, hole, nread = extents.file_hashes(fd, off, n, BS)
+            data = os.pread(fd, n, off)
+            want = reference.block_hashes(np.frombuffer(data + bytes(n - len(data)), dtype=np.uint8), BS)
+            assert np.array_equal(hashes, want), (off, n)
+            read_blocks = int((~hole).sum())          # the last one may be partial
+            assert BS * (read_blocks - 1) < nread <= BS * read_blocks or read_blocks == nread == 0
+            assert not (~reference.zero_blocks(np.frombuffer(data + bytes(n - len(data)), dtype=np.uint8),
+                                               BS) & hole).any()      # a hole block is zeros
+        hashes, hole, nread = extents.file_hashes(fd, 0, cap, BS)
+        assert nread < cap // 8 and hole.sum() > 0.9 * len(hole)  # the holes were not read
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def ssetup(tmp_path):
+    """test_replication's setup with sparse source disks: a few data extents each."""
+    with replication(tmp_path, before=_sparse_data) as s:
+        yield s
+
+
+def test_initial_sync_of_sparse_disks_reads_only_their_data(ssetup):
+    rec, leader, prot, vms = ssetup["rec"], ssetup["leader"], ssetup["prot"], ssetup["vms"]
+    nonzero = _source_blocks(vms)
+    # the empty replicas are holes: format 2 answers them without a hash
+    for v in vms:
+        for d in v["disks"]:
+            got, n = _recovery_hashes(rec, v["instance_uuid"], d["index"], d["capacity_bytes"], True)
+            assert n == -(-d["capacity_bytes"] // BS)
+    out = [sync_all(p) for p in prot.values()]
+    for o in out:
+        for d in o["disks"]:
+            nz = nonzero[(d["vm"], d["disk"])]
+            want = int(nz.sum())
+            assert want == 16 + 1 + 1
+            assert d["blocks_differing"] == want and d["blocks_sent"] == want and d["zero_blocks"] == 0
+            assert d["blocks_compared"] == len(nz)
+            assert want * BS <= d["bytes_read"] < len(nz) * BS // 8       # holes were not read
+            # every block not read is a hole on both sides: neither read nor hashed anywhere
+            assert d["blocks_in_holes"] == len(nz) - d["bytes_read"] // BS
+    final = valid_cut(leader)
+    check_images(rec, {final["id"]: final["hashes"]}, vms)
+    _check_recovery_hashes(rec, vms)
+    _promote_all(rec, ssetup["tmp"])                # now the replicas are sparse files too
+    assert _check_recovery_hashes(rec, vms) > 0
+    again = [sync_all(p) for p in prot.values()]
+    assert sum(o["blocks_differing"] for o in again) == 0
+    assert sum(o["blocks_in_holes"] for o in again) > 0.9 * sum(o["blocks_compared"] for o in again)
+
+
+def test_replica_data_where_the_source_has_a_hole_is_zeroed(dsetup):
+    rec, leader, prot, vms = dsetup["rec"], dsetup["leader"], dsetup["prot"], dsetup["vms"]
+    for p in prot.values():
+        sync_all(p)
+    first = valid_cut(leader)
+    check_images(rec, {first["id"]: first["hashes"]}, vms)
+    _promote_all(rec, dsetup["tmp"])                # the data is in the replica files now
+    before = _source_blocks(vms)
+    rnd = random.Random(9)
+    punched = 0
+    for v in vms:
+        for d in v["disks"]:
+            data = _extents(d["path"], d["capacity_bytes"])
+            assert data, "the source should have data extents"
+            for a, b in rnd.sample(data, min(3, len(data))):      # whole extents, and a part
+                _punch(d["path"], a, b - a)
+            a, b = max(data, key=lambda e: e[1] - e[0])
+            if b - a > 2 * BS:
+                _punch(d["path"], a + BS, BS)
+            nz = before[(v["instance_uuid"], d["index"])]
+            punched += int((nz & ~_source_blocks([v])[(v["instance_uuid"], d["index"])]).sum())
+    assert punched > 0
+    out = [sync_all(p) for p in prot.values()]
+    assert sum(o["blocks_differing"] for o in out) == punched
+    assert sum(o["zero_blocks"] for o in out) == punched          # as ZERO records, no data
+    assert sum(o["blocks_sent"] for o in out) == 0
+    assert sum(o["bytes_sent"] for o in out) == 0
+    final = valid_cut(leader)
+    check_images(rec, {final["id"]: final["hashes"]}, vms)
+    _check_recovery_hashes(rec, vms)
+    assert sum(sync_all(p)["blocks_differing"] for p in prot.values()) == 0
+
+
+def test_delta_sync_of_sparse_source_into_sparse_replica(ssetup):
+    rec, leader, prot, vms = ssetup["rec"], ssetup["leader"], ssetup["prot"], ssetup["vms"]
+    for p in prot.values():
+        sync_all(p)
+    first = valid_cut(leader)
+    check_images(rec, {first["id"]: first["hashes"]}, vms)
+    _promote_all(rec, ssetup["tmp"])
+    # Behind the IO filter: the first extent punched, new data where both sides had holes,
+    # and new data over the second extent (data against data).
+    rnd = random.Random(13)
+    changed = zeroed = 0
+    for v in vms:
+        for d in v["disks"]:
+            cap = d["capacity_bytes"]
+            _punch(d["path"], cap // 8, 64 << 10)
+            zeroed += 16
+            fd = os.open(d["path"], os.O_WRONLY)
+            try:
+                for off in (BS, cap // 4, cap // 4 + BS, cap // 2 + 3 * BS):
+                    os.pwrite(fd, rnd.randbytes(BS), off)
+            finally:
+                os.close(fd)
+            changed += 4
+    out = [sync_all(p) for p in prot.values()]
+    assert sum(o["blocks_differing"] for o in out) == changed + zeroed
+    assert sum(o["zero_blocks"] for o in out) == zeroed
+    assert sum(o["blocks_sent"] for o in out) == changed
+    compared = sum(o["blocks_compared"] for o in out)
+    assert sum(o["blocks_in_holes"] for o in out) > 0.9 * compared
+    assert sum(o["bytes_read"] for o in out) < compared * BS // 8
+    final = valid_cut(leader)
+    check_images(rec, {final["id"]: final["hashes"]}, vms)
+    _check_recovery_hashes(rec, vms)
+    assert sum(sync_all(p)["blocks_differing"] for p in prot.values()) == 0
