@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Recovery time objective of a failover test, and ZVM API latency under 50 concurrent clients.
 
-    .venv/bin/python bench/rto.py [--quick] [--json] [--dir DIR]
+    .venv/bin/python bench/rto.py [--quick] [--json] [--dir DIR] [--sizes MIB,...]
+    .venv/bin/python bench/rto.py --initial-sync MIB
 
 Everything runs on loopback and is stopped at the end. Per disk size (256 MiB and 4 GiB; 64 MiB
 and 1 GiB with --quick): a lab of 2 sites x 2 hosts with 10 VMs of one disk each on site-a
@@ -19,6 +20,11 @@ And on the last lab, with a failover test running (its VPG document shows it):
 * API latency: 50 threads, each with its own HTTPS session and the admin API client's token,
   alternately ``GET /v1/vpgs`` and ``GET /v1/tasks`` on the protected ZVM for 10 s (3 s with
   --quick); p50/p99 latency and requests per second. The ZVM runs gunicorn with 32 threads.
+
+With ``--initial-sync MIB`` only: the initial (delta) sync of one VM with one sparse disk of MIB
+MiB (the lab's disks are sparse files) holding 16 data extents of 1 MiB, into an empty replica:
+a lab of 2 sites x 1 host, a recovery VRA and the protected VRA as in tests/vra, the time of
+``POST /v1/protected/vpgs/{vpg}/sync`` (then of a second pass, which finds nothing to move).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "zvm")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "zvm"), str(ROOT / "tests" / "vra")]
 
 import requests  # noqa: E402
 
@@ -150,15 +156,77 @@ def one_size(disk_mib: int, runs: int, latency_s: float | None, root: Path, log)
         lab.down()
 
 
+def initial_sync(disk_mib: int, root: Path, log) -> dict:
+    """One VM, one sparse disk of ``disk_mib`` MiB with 16 data extents, into an empty replica."""
+    import base64
+    import random
+
+    from test_replication import VRAProc
+    lab = Lab(root / f"sync-{disk_mib}")
+    vras = []
+    try:
+        lab.up(sites=2, hosts=1, vms=1, disk_mib=disk_mib, workload=False)
+        a = next(s for s in lab.status()["sites"] if s["name"] == "site-a")
+        vm = a["vms"][0]
+        d = vm["disks"][0]
+        rnd = random.Random(7)
+        extent = 1 << 20
+        for k in range(16):                     # 16 MiB of data spread over the disk
+            off = (k * d["capacity_bytes"] // 16) // extent * extent
+            for o in range(off, off + extent, 256 << 10):
+                lab.api("site-a", "POST", f"/api/vms/{vm['name']}/write", json={
+                    "disk": d["index"], "offset": o,
+                    "data": base64.b64encode(rnd.randbytes(256 << 10)).decode()})
+        lab.api("site-a", "POST", f"/api/vms/{vm['name']}/disks/{d['index']}/bitmap/clear")
+        rec = VRAProc(root, f"sync-{disk_mib}-rec", journal_path=str(root / f"sync-{disk_mib}-journal"),
+                      journal_sync=True)
+        vras.append(rec)
+        rec.call("PUT", "/v1/recovery/vpgs/vpg1", json={
+            "replica_dir": str(root / f"sync-{disk_mib}-replicas"),
+            "disks": [{"vm": vm["instance_uuid"], "disk": d["index"], "capacity": d["capacity_bytes"]}]})
+        route = lab.api("site-a", "POST", "/api/links", json={
+            "peer": "site-b", "target_host": rec.replication[0], "target_port": rec.replication[1]})
+        host = lab.api("site-a", "GET", f"/api/hosts/{a['hosts'][0]['name']}")
+        prot = VRAProc(root, f"sync-{disk_mib}-prot", doorbell=host["mirror"]["doorbell"],
+                       host_url=host["url"])
+        vras.append(prot)
+        prot.call("PUT", "/v1/protected/vpgs/vpg1", json={
+            "vms": [vm["instance_uuid"]], "target_host": "127.0.0.1", "target_port": route["port"],
+            "leader": True, "interval_s": 0, "recovery_url": rec.url})
+        out = {"disk_mib": disk_mib}
+        for name in ("first", "second"):
+            t0 = time.monotonic()
+            r = requests.post(prot.url + "/v1/protected/vpgs/vpg1/sync", json={"all": True},
+                              headers={"Authorization": f"Bearer {prot.cfg['token']}"}, timeout=3600)
+            r.raise_for_status()
+            secs = time.monotonic() - t0
+            r = r.json()
+            out[name] = {"seconds": round(secs, 2), "blocks_compared": r["blocks_compared"],
+                         "blocks_differing": r["blocks_differing"], "blocks_sent": r["blocks_sent"]}
+            log(f"initial sync of one {disk_mib} MiB sparse disk, {name} pass: {secs:.2f} s, "
+                f"{r['blocks_compared']} blocks compared, {r['blocks_differing']} differing, "
+                f"{r['blocks_sent']} sent")
+        return out
+    finally:
+        for v in vras:
+            v.stop()
+        lab.down()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller disks, one run, 3 s of load")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--dir", help="work folder (default: a temporary one, removed)")
+    ap.add_argument("--sizes", help="disk sizes in MiB, comma-separated (default 256,4096; "
+                                    "64,1024 with --quick)")
+    ap.add_argument("--initial-sync", type=int, metavar="MIB",
+                    help="only time the initial sync of one sparse disk of MIB MiB")
     args = ap.parse_args()
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else \
         (lambda m: print(m, flush=True))
-    sizes = (64, 1024) if args.quick else (256, 4096)
+    sizes = tuple(int(x) for x in args.sizes.split(",")) if args.sizes else \
+        (64, 1024) if args.quick else (256, 4096)
     runs = 1 if args.quick else 3
     tmp = None
     if args.dir:
@@ -167,6 +235,15 @@ def main() -> int:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="tidemark-rto-", ignore_cleanup_errors=True)
         root = Path(tmp.name)
+    if args.initial_sync:
+        try:
+            out = initial_sync(args.initial_sync, root, log)
+        finally:
+            if tmp:
+                tmp.cleanup()
+        if args.json:
+            print(json.dumps(out))
+        return 0
     try:
         results = [one_size(m, runs, (3.0 if args.quick else 10.0) if m == sizes[-1] else None,
                             root, log) for m in sizes]
