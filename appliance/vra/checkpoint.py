@@ -181,7 +181,10 @@ class Coordinator:
                 except requests.RequestException as exc:
                     problems.append(f"abort of barrier {k} failed: {exc}")
             info = {"valid": valid, "time": t_cut, "tag": tag}
-            self.commit(self.vpg, k, info)
+            # A valid COMMIT follows the leader's own MARKER k in its stream (the commit waits
+            # for it). An invalid one makes no checkpoint wherever it lands, so it does not wait:
+            # when the leader's host wrote no marker, waiting would stall the next checkpoint.
+            self.commit(self.vpg, k, info, **({} if valid else {"timeout": 0.0}))
             self.taken += 1
             self.invalid += 0 if valid else 1
             self.failed_in_row = 0 if valid else self.failed_in_row + 1
