@@ -173,3 +173,29 @@ def test_recovery_zvm_restarted_mid_test_resumes(s):
         a.ok("GET", f"/v1/reports/recovery/{tid}")), 10, 0.1, "the report")
     assert rep["General"]["Status"] == "Failed" and rep["General"]["Notes"] == "restart drill"
     assert vpg(a, vid)["ActiveProcessesApi"] is None
+
+
+def test_protected_zvm_restarted_mid_test(s):
+    """The protected site's ZVM goes away while the test runs at the recovery site (it only
+    mirrors the VPG's state there): the test goes on, and the protected ZVM shows it once back."""
+    a, b, lab, vid = s["a"], s["b"], s["lab"], s["vpg"]
+    k = tagged(a, vid, "protected-restart")
+    at_k = source_hashes(lab)
+    tid = a.ok("POST", f"/v1/vpgs/{vid}/FailoverTest", json={"CheckpointIdentifier": str(k)})
+    wait_until(lambda: any(x["Step"] == "forward:power_on" for x in b.ok("GET", f"/v1/tasks/{tid}")["Steps"]),
+               30, 0.05, "the power-on step")
+    a.stop()
+    a.start()
+    t = wait_state(b, tid, (6,), 90)
+    assert t["Type"] == "FailoverTest"
+    for (name, disk), h in at_k.items():
+        assert lab.disk_hash(name + SUFFIX, disk) == h
+    # the restarted protected ZVM answers the task (asking its peer) and shows the test
+    assert a.ok("GET", f"/v1/tasks/{tid}")["Status"]["State"] == 6
+    wait_until(lambda: (vpg(a, vid)["ActiveProcessesApi"] or {}).get("RunningFailOverTestApi"),
+               30, 0.2, "the protected ZVM to show the running test")
+    a.wait_task(a.ok("POST", f"/v1/vpgs/{vid}/FailoverTestStop",
+                     json={"FailoverTestSuccess": True, "FailoverTestSummary": "ok"}), 60)
+    assert recovery_vms(lab, SUFFIX) == [] and images(b, vid) == []
+    wait_until(lambda: vpg(a, vid)["ActiveProcessesApi"] is None and vpg(a, vid)["Status"] == 1,
+               30, 0.2, "the VPG to meet its SLA with no test running")
