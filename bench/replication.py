@@ -668,7 +668,7 @@ def main() -> int:
     ns = sorted(pits)
     lo, hi = ns[0], ns[-1]
     growth, log_growth = pits[hi] / pits[lo], math.log(hi) / math.log(lo)
-    say(f"PIT read p99: " + ", ".join(f"{n:g} entries {pits[n]:.3f} ms" for n in ns))
+    say("PIT read p99: " + ", ".join(f"{n:g} entries {pits[n]:.3f} ms" for n in ns))
     say(goal(pits[hi] <= PIT_GOAL_MS and growth <= log_growth,
              f"PIT read p99 <= {PIT_GOAL_MS:g} ms at {hi:g} entries, growth no faster than log n",
              f"{pits[hi]:.3f} ms; growth {growth:.2f}x vs log n {log_growth:.2f}x"))

@@ -56,7 +56,6 @@ def vcenter(lab, site):
 
 def test_scenario_on_the_vcsim_lab(lab):
     d = lab.dir
-    st = lab.status()
     a = ZVMClient.from_connection_file(d / "zvm" / "site-a" / "connection.json")
     assert a.get("/v1/localsite")["SiteType"] == "VCenter"
     vpg = wait_until(lambda: next((v for v in tm(d, "vpgs", "list") if v["Status"] == 1), None),

@@ -17,8 +17,7 @@ from ..hypervisor.errors import NotFound as HvNotFound
 from ..recovery import RecoveryOp
 from ..tasks import ROLLBACK, operation
 from ..vpgs import (FAILING_OVER, MEETING_SLA, MOVING, RECOVERED, SUB_FO_BEFORE_COMMIT,
-                    SUB_FO_COMMITTING, SUB_FO_ROLLING_BACK, SUB_MOVE_BEFORE_COMMIT,
-                    SUB_MOVE_COMMITTING, SUB_MOVE_ROLLING_BACK, SUB_NONE)
+                    SUB_FO_COMMITTING, SUB_FO_ROLLING_BACK, SUB_NONE)
 from .reverse import ReverseSteps
 
 log = logging.getLogger("tidemark.zvm.failover")
