@@ -104,14 +104,16 @@ def _cell(doc, key: str) -> str:
 
 
 def follow(ctx: Ctx, task_id, label: str, wait: bool = True, timeout: float = 1800,
-           stopped_ok: bool = False):
+           stopped_ok: bool = False, decided: bool = False):
     """Show a task's progress bar until it ends or waits for the user. ``stopped_ok``: a rollback
-    answers the operation's own task, which ends Stopped (5) when the rollback is done."""
+    answers the operation's own task, which ends Stopped (5) when the rollback is done.
+    ``decided``: a commit or rollback answers the task that was waiting for it, so its waiting
+    state is not an end here (it may still show for a moment after the decision)."""
     if not wait:
         out(ctx, {"TaskIdentifier": task_id}) if ctx.json else click.echo(task_id)
         return
     if ctx.json:
-        t = ctx.client.wait_task(task_id, timeout)
+        t = ctx.client.wait_task(task_id, timeout, until_waiting=not decided)
     else:
         with click.progressbar(length=100, label=label, show_percent=True) as bar:
             seen = [0]
@@ -121,7 +123,7 @@ def follow(ctx: Ctx, task_id, label: str, wait: bool = True, timeout: float = 18
                 if p > seen[0]:
                     bar.update(p - seen[0])
                     seen[0] = p
-            t = ctx.client.wait_task(task_id, timeout, progress)
+            t = ctx.client.wait_task(task_id, timeout, progress, until_waiting=not decided)
     state = t["Status"]["State"]
     if ctx.json:
         out(ctx, t)
@@ -473,7 +475,7 @@ def register(main: click.Group) -> None:
         else:
             body = {} if reverse_protection is None else {"IsReverseProtection": reverse_protection}
             tid = ctx.client.post(f"/v1/vpgs/{vid}/FailoverCommit", body)
-        follow(ctx, tid, "commit", wait)
+        follow(ctx, tid, "commit", wait, decided=True)
 
     @vpgs.command("rollback")
     @click.argument("vpg")
@@ -485,7 +487,7 @@ def register(main: click.Group) -> None:
         """Roll back a failover or move that waits for a decision."""
         vid = vpg_id(ctx, vpg)
         tid = ctx.client.post(f"/v1/vpgs/{vid}/{'moveRollback' if is_move else 'FailoverRollback'}")
-        follow(ctx, tid, "rollback", wait, stopped_ok=True)
+        follow(ctx, tid, "rollback", wait, stopped_ok=True, decided=True)
 
     @vpgs.command("clone")
     @click.argument("vpg")
@@ -549,7 +551,7 @@ def register(main: click.Group) -> None:
             @run
             def cmd(ctx, vm, vpg, wait):
                 follow(ctx, ctx.client.post(f"/v1/vms/{vm}/{verb}", vpg_id(ctx, vpg)), verb, wait,
-                       stopped_ok=verb == "RestoreRollback")
+                       stopped_ok=verb == "RestoreRollback", decided=True)
         make()
 
     # -- tasks, alerts, events, reports
