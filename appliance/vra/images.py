@@ -382,26 +382,22 @@ class ImageRegistry:
             raise ImageConflict(f"image {sid} disk {slot.disk} of VM {slot.vm} is being committed: retry")
         return slot.fd
 
-    def _close_slots(self, s: ImageSet) -> None:
+    def _close_slots(self, s: ImageSet, discard: bool = False) -> None:
+        """Close every disk of a set (scratch kept, resumable), or with ``discard`` drop its
+        scratch overlays too."""
         for slot in s.slots.values():
             with slot.lock:
                 if slot.image is not None:
-                    slot.image.close()
+                    slot.image.discard() if discard else slot.image.close()
                     slot.image = None
                 if slot.fd is not None:
                     os.close(slot.fd)
                     slot.fd = None
+                if discard:
+                    for p in (slot.scratch, slot.scratch + ".map"):
+                        Path(p).unlink(missing_ok=True)
 
     def _drop(self, s: ImageSet) -> None:
-        for slot in s.slots.values():
-            with slot.lock:
-                if slot.image is not None:
-                    slot.image.discard()
-                    slot.image = None
-                if slot.fd is not None:
-                    os.close(slot.fd)
-                    slot.fd = None
-                for p in (slot.scratch, slot.scratch + ".map"):
-                    Path(p).unlink(missing_ok=True)
+        self._close_slots(s, discard=True)
         if s.own_dir:
             shutil.rmtree(s.scratch_dir, ignore_errors=True)
