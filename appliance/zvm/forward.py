@@ -73,14 +73,25 @@ def dispatch(zvm, name: str, vpg_id: str, params: dict, user: str):
 def peer_task(zvm, tid: str) -> dict | None:
     """A task this ZVM does not know, as one of its paired peers answers it (TaskApi, PascalCase
     as the peer spelled it), or None when no reachable peer knows it either."""
+    return ask_peers(zvm, f"/v1/internal/tasks/{tid}", f"task {tid}")
+
+
+def peer_report(zvm, rid: str) -> dict | None:
+    """A recovery report this ZVM holds no copy of (yet), as a paired peer answers it."""
+    return ask_peers(zvm, f"/v1/internal/reports/{rid}", f"report {rid}")
+
+
+def ask_peers(zvm, path: str, what: str) -> dict | None:
+    """GET ``path`` from each paired peer in turn: the first answer, or None (404 or unreachable
+    everywhere)."""
     sites = zvm.services.get("sites")
     for p in (sites.peers() if sites else []):
         try:
-            return sites.client(p["siteIdentifier"]).request("GET", f"/v1/internal/tasks/{tid}")
+            return sites.client(p["siteIdentifier"]).request("GET", path)
         except NotFound:
             continue
         except ZVMError as exc:           # unreachable peer: ask the next one
-            log.info("task %s: peer %s did not answer: %s", tid, p.get("peerSiteName"), exc)
+            log.info("%s: peer %s did not answer: %s", what, p.get("peerSiteName"), exc)
     return None
 
 

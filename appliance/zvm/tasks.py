@@ -259,11 +259,13 @@ class Tasks:
         task.update(state=state, completed=time.time(), deadline=None, waitingFor=[])
         if state == COMPLETED:
             task["progress"] = 100
-        self.save(task)
+        # The report and events first, then the end of the task: whoever sees the task finished
+        # finds its report (a crash in between resumes the task, which writes them again).
         try:
             op.on_done(state == COMPLETED)
         except Exception as exc:   # noqa: BLE001 - a report must not change the task's result
             log.warning("task %s: on_done failed: %s", task["identifier"], exc)
+        self.save(task)
 
 
 def _step_name(task: dict) -> str:

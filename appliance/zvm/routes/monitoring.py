@@ -194,6 +194,9 @@ def register(api, zvm):
                response="RecoveryReportApi")
     def report(req, recoveryOperationIdentifier):
         r = zvm.store.get("reports", recoveryOperationIdentifier)
+        if r is None:       # written at the peer site, its copy not here (yet, or it was down)
+            from ..forward import peer_report
+            r = peer_report(zvm, recoveryOperationIdentifier)
         if r is None:
             raise NotFound(f"no recovery report {recoveryOperationIdentifier}")
         return r

@@ -5,7 +5,7 @@ site's during an operation (``/v1/internal``, role peer)."""
 from __future__ import annotations
 
 from .. import forward
-from ..errors import BadRequest
+from ..errors import BadRequest, NotFound
 from ..schema import BOOL, NUM, STR, arr, nullable, obj
 from ..vpgs import Vpgs
 from ..operations import clone, failovertest  # noqa: F401  (register the operations and handlers)
@@ -54,6 +54,15 @@ def register(api, zvm):
             raise BadRequest("state may set lastTest, lastTestResult and lastTestSummary only")
         svc.get(vpgIdentifier)
         svc.set_state(vpgIdentifier, activeProcess=req.body.get("activeProcess"), **state)
+
+    @api.route("GET", "/v1/internal/reports/{recoveryOperationIdentifier}", "One recovery report "
+               "of this ZVM (no asking its peers)", tag="internal", role="peer",
+               response="RecoveryReportApi")
+    def get_report(req, recoveryOperationIdentifier):
+        r = zvm.store.get("reports", recoveryOperationIdentifier)
+        if r is None:
+            raise NotFound(f"no recovery report {recoveryOperationIdentifier}")
+        return r
 
     @api.route("PUT", "/v1/internal/reports/{recoveryOperationIdentifier}", "Keep a copy of a "
                "recovery report written by the peer site", tag="internal", body="InternalReport",
