@@ -48,9 +48,10 @@ def make_ca(directory: Path, name: str = "Tidemark pairing CA", days: int = 3650
     return directory / "ca.pem", directory / "ca.key"
 
 
-def issue(directory: Path, name: str, ca_pem: Path, ca_key: Path, hosts=("127.0.0.1", "localhost"),
-          days: int = 825) -> tuple[Path, Path]:
-    """Issue ``<name>.pem`` / ``<name>.key`` for a replication endpoint (server and client use)."""
+def issue_pem(name: str, ca_pem: Path, ca_key: Path, hosts=("127.0.0.1", "localhost"),
+              days: int = 825) -> tuple[bytes, bytes]:
+    """A certificate and its key for a replication endpoint (server and client use), as PEM
+    bytes kept in memory (nothing written): ``(cert_pem, key_pem)``."""
     ca_cert = x509.load_pem_x509_certificate(Path(ca_pem).read_bytes())
     ca_priv = serialization.load_pem_private_key(Path(ca_key).read_bytes(), None)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -71,9 +72,16 @@ def issue(directory: Path, name: str, ca_pem: Path, ca_key: Path, hosts=("127.0.
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(ca_priv, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def issue(directory: Path, name: str, ca_pem: Path, ca_key: Path, hosts=("127.0.0.1", "localhost"),
+          days: int = 825) -> tuple[Path, Path]:
+    """Issue ``<name>.pem`` / ``<name>.key`` for a replication endpoint (server and client use)."""
+    cert, key = issue_pem(name, ca_pem, ca_key, hosts, days)
     directory = Path(directory)
-    _write(directory / f"{name}.key", _key_pem(key), 0o600)
-    _write(directory / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(directory / f"{name}.key", key, 0o600)
+    _write(directory / f"{name}.pem", cert, 0o644)
     return directory / f"{name}.pem", directory / f"{name}.key"
 
 

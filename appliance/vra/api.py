@@ -458,4 +458,19 @@ def create_app(vra: VRA) -> Flask:
     def image_disk_hash(sid, vm, disk):
         return jsonify({"sha256": dss(images().sha256, sid, vm, disk)})
 
+    @app.put("/v1/tls/trust")
+    def put_tls_trust():
+        """A new trust bundle (base64 of PEM) from the ZVM: kept in the TLS folder, used from
+        the next start (appliance/vra/tls.py)."""
+        from .tls import TLSConfigError, store_trust
+        pem = body().get("pem")
+        if not isinstance(pem, str) or not pem:
+            raise APIError("the body is {pem: base64 of the PEM trust bundle}")
+        try:
+            return jsonify(store_trust(vra.cfg, pem))
+        except TLSConfigError as exc:
+            e = APIError(str(exc))
+            e.status = exc.status
+            raise e from None
+
     return app

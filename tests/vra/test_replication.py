@@ -75,9 +75,14 @@ def replication(tmp_path, tls: bool = False, before=None):
     if tls:
         from appliance import pki
         ca, ca_key = pki.make_ca(tmp_path / "pki")
+        import base64
         for name in ("vra-site-b-h0", "vra-site-a-h0", "vra-site-a-h1"):
             cert, key = pki.issue(tmp_path / "pki", name, ca, ca_key)
             certs[name] = {"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ca)}
+        # the recovery VRA gets contents (base64 of PEM, as a ZVM deploys it), the protected
+        # ones paths (configured by hand): both spellings on one replication path
+        certs["vra-site-b-h0"] = {f"{k}_pem": base64.b64encode(Path(v).read_bytes()).decode()
+                                  for k, v in certs["vra-site-b-h0"].items()}
     lab = Lab(tmp_path / "lab")
     lab.up(sites=2, hosts=2, vms=4, disk_mib=8, workload=False, ring_mib=16)
     vras = []
