@@ -11,7 +11,7 @@ decodes them, checks they are PEM, and writes them into the TLS folder (``tls_di
         vra.key               its private key (0600)
         trust.pem             the trust bundle (0644)
         trust-pushed.pem      a newer trust bundle sent through the control API (0644)
-        trust-pushed.json     {"sha256": of trust-pushed.pem, "over": of the bundle it replaces}
+        trust-pushed.json     {"sha256": of trust-pushed.pem, "over": of what it replaces}
 
 and points ``tls_cert``/``tls_key``/``tls_ca`` there. The plain path settings (``tls_cert``,
 ``tls_key``, ``tls_ca``) still work for a VRA configured by hand; a ``*_pem`` property wins over
@@ -19,9 +19,11 @@ the path of the same item.
 
 Trust bundle updates (``PUT /v1/tls/trust``, ``store_trust``): when sites pair or unpair, the
 ZVM sends the new bundle and then restarts the appliance, whose OVF properties still hold the
-bundle it was deployed with. The pushed bundle records the digest of the bundle it replaces
-(``over``); at start-up it is used while the configured bundle is still that one. A redeploy
-(upgrade) brings properties with a bundle of their own, and the pushed one is dropped.
+bundle it was deployed with. The pushed bundle records the digest of the configuration it
+replaces (``over``: the configured certificate and bundle); at start-up it is used while the
+configuration is still that one. A redeploy (upgrade) brings properties of its own (a ZVM
+issues a new certificate for every deployment), and the pushed bundle is dropped, even when
+the new properties carry the same bundle as the old ones did.
 
 Nothing here logs PEM contents; the key is written 0600 from the first byte.
 """
@@ -69,6 +71,17 @@ def decode(value: str, setting: str, begin: bytes = b"-----BEGIN ") -> bytes:
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _configured(cfg) -> str:
+    """The digest of what a pushed bundle replaces: this VRA's certificate and the trust
+    bundle it was configured with (not a pushed one)."""
+    try:
+        cert = Path(cfg.tls_cert).read_bytes()
+        ca = Path(getattr(cfg, "configured_tls_ca", "") or cfg.tls_ca).read_bytes()
+    except OSError as exc:
+        raise TLSConfigError(f"cannot read the configured TLS files ({exc.strerror})") from None
+    return digest(cert + b"\0" + ca)
 
 
 def tls_dir(cfg) -> Path | None:
@@ -141,11 +154,7 @@ def _use_pushed(cfg, d: Path) -> None:
         data = pushed.read_bytes()
     except (OSError, ValueError):
         return
-    try:
-        configured = digest(Path(cfg.tls_ca).read_bytes())
-    except OSError as exc:
-        raise TLSConfigError(f"tls_ca: cannot read the trust bundle ({exc.strerror})") from None
-    if meta.get("over") == configured and meta.get("sha256") == digest(data):
+    if meta.get("over") == _configured(cfg) and meta.get("sha256") == digest(data):
         cfg.tls_ca = str(pushed)
         log.info("using the trust bundle sent through the control API (%s…)", meta["sha256"][:16])
     else:      # the configured bundle changed since (a redeploy): it is the newer one
@@ -164,10 +173,7 @@ def store_trust(cfg, value: str) -> dict:
         e.status = 409
         raise e
     data = decode(value, "pem", b"-----BEGIN CERTIFICATE-----")
-    try:
-        over = digest(Path(getattr(cfg, "configured_tls_ca", "") or cfg.tls_ca).read_bytes())
-    except OSError as exc:
-        raise TLSConfigError(f"cannot read the configured trust bundle ({exc.strerror})") from None
+    over = _configured(cfg)
     _private_dir(d)
     write_file(d / PUSHED, data, 0o644)
     write_file(d / PUSHED_META, json.dumps({"sha256": digest(data), "over": over}).encode(), 0o600)

@@ -8,18 +8,16 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
-import ssl
 import stat
 
 import pytest
 import requests
 
 from appliance import pki
-from appliance.vra import wire
 from appliance.vra.config import VRAConfig
 from appliance.vra.tls import TLSConfigError
 from test_replication import H, TOKEN, VRAProc
+from tlsprobe import tls_probe
 
 
 def b64(path) -> str:
@@ -106,24 +104,8 @@ def test_bad_settings_are_refused_without_echoing_them(tmp_path, pkis):
         VRAConfig.load(props={**base, "tls_key_pem": b64(pkis["a"]["key"])}, env={})
 
 
-def tls_probe(port: int, client: dict, server_ca) -> str:
-    """Connect to a VRA's replication port with ``client``'s certificate: 'accepted' when the
-    VRA took the TLS connection (it then refuses the wrong token in HELLO), else 'refused'."""
-    ctx = pki.client_context(str(client["cert"]), str(client["key"]), str(server_ca))
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        s = ctx.wrap_socket(s, server_hostname="127.0.0.1")
-        wire.send(s, wire.encode_json(wire.HELLO, {"token": "wrong", "source": "x/1", "vpg": "v"}))
-        wire.recv_json(s, wire.WELCOME)
-    except ConnectionError as exc:
-        if "authentication failed" in str(exc):
-            return "accepted"
-        return "refused"
-    except (ssl.SSLError, OSError, wire.WireError):
-        return "refused"
-    finally:
-        s.close()
-    raise AssertionError("a wrong token was welcomed")
+def probe(port: int, client: dict, server_ca) -> str:
+    return tls_probe(port, client["cert"], client["key"], server_ca)
 
 
 def test_trust_bundle_pushed_through_the_control_api(tmp_path, pkis):
@@ -138,8 +120,8 @@ def test_trust_bundle_pushed_through_the_control_api(tmp_path, pkis):
         d = vra.dir / "state" / "tls"
         assert mode(d) == 0o700 and mode(d / "vra.key") == 0o600
         port = vra.replication[1]
-        assert tls_probe(port, a, a["ca"]) == "accepted"
-        assert tls_probe(port, b, a["ca"]) == "refused"         # b is not paired yet
+        assert probe(port, a, a["ca"]) == "accepted"
+        assert probe(port, b, a["ca"]) == "refused"         # b is not paired yet
 
         bundle = a["ca"].read_text() + b["ca"].read_text()
         url = vra.url + "/v1/tls/trust"
@@ -150,20 +132,22 @@ def test_trust_bundle_pushed_through_the_control_api(tmp_path, pkis):
         r = requests.put(url, json=body, headers=H, timeout=5)
         assert r.status_code == 200, r.text
         assert r.json()["applies"] == "restart" and len(r.json()["sha256"]) == 64
-        assert tls_probe(port, b, a["ca"]) == "refused"         # from the next start on
+        assert probe(port, b, a["ca"]) == "refused"         # from the next start on
         vra.stop()
         vra.start()                                             # same properties (a host restart)
         port = vra.replication[1]
-        assert tls_probe(port, b, a["ca"]) == "accepted"
-        assert tls_probe(port, a, a["ca"]) == "accepted"
+        assert probe(port, b, a["ca"]) == "accepted"
+        assert probe(port, a, a["ca"]) == "accepted"
         assert "using the trust bundle sent through the control API" in (vra.dir / "vra.log").read_text()
 
-        # a redeploy (upgrade) brings a bundle of its own: the pushed one is dropped
+        # a redeploy (upgrade) brings a certificate of its own: the pushed bundle is dropped,
+        # even though the new properties carry the same bundle as the first ones
         vra.stop()
-        vra.cfg["tls_ca_pem"] = base64.b64encode(a["ca"].read_bytes() + b"\n").decode()
+        cert2, key2 = pki.issue(tmp_path / "pki-a", "vra-a2", a["ca"], a["ca_key"])
+        vra.cfg.update(tls_cert_pem=b64(cert2), tls_key_pem=b64(key2))
         (vra.dir / "vra.json").write_text(json.dumps(vra.cfg))
         vra.start()
-        assert tls_probe(vra.replication[1], b, a["ca"]) == "refused"
+        assert probe(vra.replication[1], b, a["ca"]) == "refused"
         assert not (d / "trust-pushed.pem").exists()
         log = (vra.dir / "vra.log").read_text()
         assert a["key"].read_text().strip().splitlines()[1] not in log
