@@ -104,6 +104,8 @@ class Site:
     # -- persistence and lookup ------------------------------------------------------
     def save(self):
         tmp = self.inv_path.with_suffix(".tmp")
+        tmp.touch(0o600)     # VMs' OVF properties hold secrets (appliance tokens and keys)
+        tmp.chmod(0o600)
         tmp.write_text(json.dumps(self.inv, indent=1))
         tmp.rename(self.inv_path)
 

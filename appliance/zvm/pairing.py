@@ -70,11 +70,11 @@ class SiteCA:
             pki.make_ca(self.dir, name=f"Tidemark {self.site_name} replication CA")
         return self.ca_pem.read_text()
 
-    def issue(self, directory: Path, hosts: tuple[str, ...]) -> tuple[Path, Path]:
-        """A VRA's certificate and key (0600) in ``directory``."""
+    def issue_pem(self, hosts: tuple[str, ...], name: str = "vra") -> tuple[bytes, bytes]:
+        """A VRA's certificate and key as PEM bytes, written nowhere (the key goes to the VRA)."""
         from appliance import pki
         self.ensure()
-        return pki.issue(directory, "vra", self.ca_pem, self.dir / "ca.key", hosts=hosts)
+        return pki.issue_pem(name, self.ca_pem, self.dir / "ca.key", hosts=hosts)
 
     def bundle(self, peer_cas: list[str]) -> tuple[str, str]:
         """The PEM trust bundle (own CA, then the peers' CAs sorted) and its short hash."""

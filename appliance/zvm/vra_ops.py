@@ -42,6 +42,7 @@ class _VraOp(Operation):
         with self.zvm.store.update("vras", self.vid) as d:
             d.update(vmId=vm_id, progress=50, vraVersion=VERSION)
             d["_trust"] = doc.get("_trust", d.get("_trust"))
+        self.svc.drop_local_tls(doc)     # files older ZVMs kept for the VRA: not used any more
         self.data["deployed"] = True
         self.note(f"appliance VM {doc['vraName']} ({vm_id}) deployed on host {doc['hostName']}")
 
@@ -87,6 +88,9 @@ class UninstallVra(_VraOp):
             self.svc.remove_vm(doc)
 
     def step_forget(self):
+        doc = self.doc()
+        if doc is not None:
+            self.svc.drop_local_tls(doc)
         self.zvm.store.delete("vras", self.vid)
         self.zvm.alerts.clear(f"vra:{self.vid}")
 

@@ -12,9 +12,13 @@ manager (``deploy_appliance``) and configured by its OVF properties (docs/vra.md
     journal_path, state_dir
                            datastore paths ``[<datastore>] Z-VRA-<host>/journal`` and
                            ``.../state``: on shared storage, kept across upgrades
-    tls_cert, tls_key, tls_ca
-                           with ``vra_replication_tls``: a certificate from this site's
-                           replication CA and the trust bundle (own CA + paired sites' CAs)
+    tls_cert_pem, tls_key_pem, tls_ca_pem
+                           with ``vra_replication_tls``: base64 of the PEM of a certificate
+                           and key issued from this site's replication CA for this deployment,
+                           and of the trust bundle (own CA + paired sites' CAs). Contents, not
+                           paths: the appliance runs on another machine and writes them into
+                           its own state folder (appliance/vra/tls.py). The ZVM keeps no copy
+                           of the key.
     doorbell, host_url     not set here: the host the appliance runs on gives them (the
                            hypervisor's IO filter is local to the host; simulator/appliances.py)
 
@@ -27,13 +31,15 @@ The interface other areas use::
     vras.in_use_hooks.append(fn)   # fn(vra_doc) -> names of VPGs using it (uninstall refuses)
 
 Background: ``monitor()`` polls each installed VRA's ``/v1/status`` (alert VRA0001 while one
-does not answer) and restarts a VRA whose trust bundle is out of date after a pairing change.
+does not answer). A VRA whose trust bundle is out of date after a pairing change is sent the new
+bundle through its control API (``PUT /v1/tls/trust``) and restarted to use it.
 """
 from __future__ import annotations
 
+import base64
 import logging
-import os
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -205,20 +211,21 @@ class VrasService:
         return self.zvm.tasks.submit("UpgradeVra", {"vraIdentifier": vra_id}, user=user)
 
     # -- deploying (the operations' steps use these)
-    def tls_files(self, doc: dict) -> dict:
-        """Write the VRA's certificate, key (0600) and trust bundle; their paths and the bundle hash."""
+    def trust_bundle(self) -> tuple[str, str]:
+        """This site's trust bundle for VRAs (own CA + paired sites' CAs): PEM text, hash."""
         sites = self.zvm.services.get("sites")
-        d = self.zvm.cfg.path("vras") / doc["vraIdentifier"] / "tls"
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d.parent, 0o700)
-        if not (d / "vra.pem").exists():
-            sites.ca.issue(d, hosts=(doc["listenHost"], "127.0.0.1", "localhost"))
-        text, digest = sites.ca.bundle(sites.peer_cas())
-        tmp = d / "trust.pem.tmp"
-        tmp.write_text(text)
-        tmp.replace(d / "trust.pem")
-        return {"tls_cert": str(d / "vra.pem"), "tls_key": str(d / "vra.key"),
-                "tls_ca": str(d / "trust.pem"), "_trust": digest}
+        return sites.ca.bundle(sites.peer_cas())
+
+    def tls_properties(self, doc: dict) -> dict:
+        """The VRA's TLS material as OVF properties (base64 of PEM): a certificate and key issued
+        now from this site's replication CA, only for this deployment (the ZVM keeps no copy of
+        the key: it lives in the appliance's properties and the VRA's own TLS folder), and the
+        trust bundle; ``_trust`` is the bundle's hash (the caller keeps it, not a property)."""
+        sites = self.zvm.services.get("sites")
+        cert, key = sites.ca.issue_pem(hosts=(doc["listenHost"], "127.0.0.1", "localhost"))
+        text, digest = self.trust_bundle()
+        return {"tls_cert_pem": b64(cert), "tls_key_pem": b64(key), "tls_ca_pem": b64(text),
+                "_trust": digest}
 
     def properties(self, doc: dict) -> dict:
         props = {"name": doc["vraName"], "token": doc["_token"], "listen_host": doc["listenHost"],
@@ -226,10 +233,17 @@ class VrasService:
                  "replication_port": str(doc["replicationPort"]),
                  "journal_path": doc["journalPath"], "state_dir": doc["stateDir"]}
         if doc.get("tls"):
-            files = self.tls_files(doc)
-            doc["_trust"] = files.pop("_trust")
-            props.update(files)
+            tls = self.tls_properties(doc)
+            doc["_trust"] = tls.pop("_trust")
+            props.update(tls)
         return props
+
+    def drop_local_tls(self, doc: dict) -> None:
+        """Remove ``<data_dir>/vras/<id>/`` (certificate, key and bundle files that ZVMs before
+        content-carrying properties wrote for the VRA): a VRA deployed since does not use them."""
+        d = self.zvm.cfg.path("vras") / doc["vraIdentifier"]
+        if d.exists():
+            shutil.rmtree(d, ignore_errors=True)
 
     def deploy(self, doc: dict) -> str:
         """Deploy the appliance VM (or adopt the one a crashed earlier attempt left); its id."""
@@ -296,7 +310,11 @@ class VrasService:
             if ok:
                 self.zvm.alerts.clear(f"vra:{vid}")
                 if doc.get("tls") and trust and doc.get("_trust") != trust:
-                    self.restart(doc, "the paired sites changed")
+                    try:
+                        self.update_trust(doc, "the paired sites changed")
+                    except ZVMError as exc:          # tried again at the next pass
+                        log.warning("VRA %s: trust bundle update failed: %s", doc["vraName"],
+                                    exc.detail)
             else:
                 gone = " (its appliance VM was removed outside Tidemark)" if doc.get("vmMissing") else ""
                 self.zvm.alerts.raise_(f"vra:{vid}", "VRA0001",
@@ -304,11 +322,22 @@ class VrasService:
                                        f"answer{gone}: {why}")
         return out
 
-    def restart(self, doc: dict, why: str) -> None:
-        """Power-cycle a VRA's appliance with fresh properties (a VRA loses nothing by it)."""
-        hv = self.zvm.hypervisor
+    def update_trust(self, doc: dict, why: str) -> None:
+        """Send a VRA the current trust bundle (``PUT /v1/tls/trust``, authenticated with its
+        token; the VRA keeps it in its own TLS folder) and power-cycle its appliance so that it
+        uses it (a VRA loses nothing by a restart). The bundle's hash is recorded once both are
+        done, so a failure is tried again by the next monitor pass."""
+        text, digest = self.trust_bundle()
+        got = self.client(doc).request("PUT", "/v1/tls/trust", json={"pem": b64(text)}) or {}
+        if not str(got.get("sha256", "")).startswith(digest):
+            raise Unavailable(f"VRA {doc['vraName']} kept another trust bundle than the one sent")
+        self.restart(doc, why)
         with self.store.update("vras", doc["vraIdentifier"]) as d:
-            self.properties(d)            # rewrites the trust bundle, records its hash
+            d["_trust"] = digest
+
+    def restart(self, doc: dict, why: str) -> None:
+        """Power-cycle a VRA's appliance (same properties; a VRA loses nothing by it)."""
+        hv = self.zvm.hypervisor
         with hv_errors():
             hv.power_off(doc["vmId"])
             hv.power_on(doc["vmId"])
@@ -363,6 +392,11 @@ class VrasService:
             "replicationAddress": f"{doc['replicationHost']}:{doc['replicationPort']}",
             "vmIdentifier": doc.get("vmId"),
         }
+
+
+def b64(pem: bytes | str) -> str:
+    """An OVF property value holding PEM: base64 on one line (appliance/vra/tls.py decodes it)."""
+    return base64.b64encode(pem.encode() if isinstance(pem, str) else pem).decode()
 
 
 def counters(status: dict) -> dict:
