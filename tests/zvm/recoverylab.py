@@ -4,6 +4,9 @@
                        reip={"StaticIp": "10.9.0.5", ...})
     s["a"], s["b"]            # the protected and recovery ZVMs (paired, VRAs on every host)
     s["vpg"]                  # the VPG's id, MeetingSLA
+
+``vm_hosts={index: recovery host name}`` gives VMs (in name order) a recovery host of their own
+(``Vms[i].Recovery.HostIdentifier``) besides the VPG's default host (site-b-h0).
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ FAST = dict(vpg_checkpoint_interval_s=1.0, monitor_interval_s=0.5)
 
 
 def protected_site(lab, start_zvm, *, key: str, boot=None, reip: dict | None = None,
-                   vms_on_h0: bool = True, name: str = "vpg-rec") -> dict:
+                   vms_on_h0: bool = True, name: str = "vpg-rec",
+                   vm_hosts: dict[int, str] | None = None) -> dict:
     a = start_zvm("site-a", key=f"{key}-a", **FAST)
     b = start_zvm("site-b", key=f"{key}-b", **FAST)
     pair(a, b)
@@ -36,6 +40,10 @@ def protected_site(lab, start_zvm, *, key: str, boot=None, reip: dict | None = N
                                               "BootDelayInSeconds": d} for g, d in boot]}
         for i, v in enumerate(body["Vms"]):
             v["BootGroupIdentifier"] = boot[min(i, len(boot) - 1)][0]
+    if vm_hosts:
+        bhosts = {h["VirtualizationHostName"]: h["HostIdentifier"] for h in inv(b, "hosts")}
+        for i, host in vm_hosts.items():
+            body["Vms"][i]["Recovery"] = {"HostIdentifier": bhosts[host]}
     if reip:
         body["Vms"][-1]["Nics"] = [{"NicIdentifier": "Network adapter 1", "FailoverTest": {
             "Hypervisor": {"ShouldReplaceMacAddress": True, "IpConfig": reip}}}]
