@@ -2,13 +2,17 @@
 
 Validate the whole batch first (nothing is written if any of it is refused), then build one
 WriteBatch (entry records, one index record per 4 KiB block, checkpoints, progress, the new state
-record) and write it with the WAL fsynced (``Journal._write``) before returning.
+record) and write it with the WAL fsynced (``Journal._write``) before returning. The index
+record of a block the entry writes whole carries the block's hash (``kernels.block_hashes``), so
+delta sync learns the image's hashes from the index without reading entries (``hashes.py``).
 """
 from __future__ import annotations
 
 import struct
 
 from rocksdict import WriteBatch
+
+from appliance.kernels import block_hashes
 from xxhash import xxh3_64_intdigest as _xxh3
 
 from . import keys as K
@@ -21,7 +25,7 @@ _ENTRY_KEY = struct.Struct(">IIQ")
 _INDEX_TAIL = struct.Struct(">QIQ")
 _INDEX_BODY = struct.Struct("<HH")
 _CHECK = struct.Struct("<Q")
-_FULL_BLOCK = _INDEX_BODY.pack(0, K.BLOCK)
+_HASHES = struct.Struct("<HHQ")
 
 
 def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], now: float,
@@ -79,13 +83,19 @@ def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], 
             end = off + len(data)
             first, last = off >> K.BLOCK_SHIFT, (end - 1) >> K.BLOCK_SHIFT
             prefix = d.prefix
+            # the blocks written whole: [full0, full1), hashed in one kernel call
+            full0 = (off + K.BLOCK - 1) >> K.BLOCK_SHIFT
+            full1 = end >> K.BLOCK_SHIFT
+            hashes = block_hashes(memoryview(data)[(full0 << K.BLOCK_SHIFT) - off:
+                                                   (full1 << K.BLOCK_SHIFT) - off], K.BLOCK).tolist() \
+                if full1 > full0 else ()
             for b in range(first, last + 1):
-                if b == first or b == last:
-                    base = b << K.BLOCK_SHIFT
-                    body = _INDEX_BODY.pack(off - base if b == first else 0,
-                                            end - base if b == last else K.BLOCK)
+                if full0 <= b < full1:
+                    body = _HASHES.pack(0, K.BLOCK, hashes[b - full0])
                 else:
-                    body = _FULL_BLOCK
+                    base = b << K.BLOCK_SHIFT
+                    body = _INDEX_BODY.pack(off - base if off > base else 0,
+                                            end - base if end < base + K.BLOCK else K.BLOCK)
                 ikey = prefix + _INDEX_TAIL.pack(b, gen, lsn)
                 put(ikey, _CHECK.pack(_xxh3(ikey + body)) + body, icf)
         ckeys = []

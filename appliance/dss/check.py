@@ -6,11 +6,14 @@
   durable one, follows its predecessor (lsn + 1, or lsn 1 of a newer generation), writes a
   registered disk within its capacity, and has one matching index record per block it writes;
 * every index record passes its checksum and points at an entry that writes that block range;
+  the hash a whole block's record carries is that of the entry's bytes there;
 * the entry and byte counters of the state record match what is stored.
 
 Memory stays flat: the cross checks are point lookups, not in-memory maps.
 """
 from __future__ import annotations
+
+from appliance.kernels import block_hashes
 
 from . import keys as K
 from . import records as R
@@ -91,7 +94,7 @@ def check(j, v: VpgState) -> list[str]:
         _, vmb, disk, block, pos = K.parse_index_key(key)
         name = f"index {pos} block {block} of disk {disk} of VM {K.parse_vm(vmb)}"
         try:
-            s, e = R.decode_index(key, it.value())
+            s, e, h = R.decode_index_hash(key, it.value())
         except R.RecordError as exc:
             bad(f"{name}: {exc}")
             it.next()
@@ -102,13 +105,17 @@ def check(j, v: VpgState) -> list[str]:
             bad(f"{name}: its entry is missing")
         else:
             try:
-                evm, edisk, offset, length, _, _ = R.decode_entry(ekey, raw)
+                evm, edisk, offset, length, _, mv = R.decode_entry(ekey, raw)
             except R.RecordError:
                 pass                    # reported with the entries
             else:
                 base = block << K.BLOCK_SHIFT
                 if (evm, edisk) != (vmb, disk) or base + s < offset or base + e > offset + length or s >= e:
                     bad(f"{name}: bytes [{s}, {e}) do not match its entry")
+                elif h is not None:
+                    at = R.ENTRY_HEADER_SIZE + base - offset
+                    if int(block_hashes(mv[at:at + K.BLOCK], K.BLOCK)[0]) != h:
+                        bad(f"{name}: its block hash does not match its entry's data")
         it.next()
     return problems
 

@@ -32,6 +32,7 @@ from rocksdict import WriteBatch
 
 from . import append as _append
 from . import check as _check
+from . import hashes as _hashes
 from . import checkpoint as _checkpoint
 from . import image as _image
 from . import keys as K
@@ -79,7 +80,11 @@ class Journal:
             self._next_id = 1
             self._write(self._batch_put(None, K.FORMAT_KEY, R.encode_format(K.FORMAT_KEY, 1)), "create")
         else:
-            self._next_id = self._decode("format record", "-", R.decode_format, K.FORMAT_KEY, raw)
+            self._next_id, version = self._decode("format record", "-", R.decode_format,
+                                                  K.FORMAT_KEY, raw)
+            if version != R.FORMAT_VERSION:     # its records stay readable; new ones are newer
+                self._write(self._batch_put(None, K.FORMAT_KEY,
+                                            R.encode_format(K.FORMAT_KEY, self._next_id)), "upgrade")
         it = self._db.iter()
         it.seek(K.VPG_KEY_RANGE[0])
         found = []
@@ -284,6 +289,11 @@ class Journal:
         zeros), or None if the file system cannot tell; use inside ``replica_range``'s context
         where it gave a view (there the replica is the image)."""
         return _reader.replica_extents(self, vpg, vm, disk, offset, length)
+
+    def image_hashes(self, vpg: str, vm: str, disk: int, offset: int, length: int):
+        """``(durable pos, hash per 4 KiB block, replica hole per block)`` of the image at the
+        durable position (``hashes.py``): what delta sync compares a source disk against."""
+        return _hashes.image_hashes(self, vpg, vm, disk, offset, length)
 
     @store.releases_iterators
     def promote(self, vpg: str, now: float | None = None) -> int:

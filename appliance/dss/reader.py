@@ -210,9 +210,9 @@ def _read_once(index, entries, v: VpgState, d: DiskInfo, offset: int, length: in
 
 def _index_value(k: bytes, val: bytes, v: VpgState, d: DiskInfo) -> tuple[int, int]:
     """(start, end) of a verified index record."""
-    if len(val) != 12:
+    if len(val) != 12 and len(val) != 20:          # 20: a whole block's, with its hash
         raise JournalCorrupt(_index_name(k, d), v.name, f"index record of {len(val)} bytes")
-    c, s, e = _INDEX_VALUE.unpack(val)
+    c, s, e = _INDEX_VALUE.unpack_from(val)
     if _xxh3(k + val[8:]) != c:
         raise JournalCorrupt(_index_name(k, d), v.name, "index record checksum mismatch")
     return s, e

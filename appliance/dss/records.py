@@ -14,14 +14,19 @@ from xxhash import xxh3_64
 
 from .pos import Pos
 
-VERSION = 1
+VERSION = 1                 # of each record layout that carries a version field
 FORMAT_MAGIC = b"TDMDSS01"
+FORMAT_VERSION = 2          # of the journal as a whole (the format record): 2 adds block hashes
+FORMAT_VERSIONS_READ = (1, 2)   # to index records; a version 1 journal opens and is upgraded
 
 _CHECK = struct.Struct("<Q")
 # checksum, version, flags, disk, length, offset, time, vm
 ENTRY_HEADER = struct.Struct("<QBBHIQd16s")
 # checksum, start, end: the bytes [start, end) of the 4 KiB block that the entry writes
 INDEX_VALUE = struct.Struct("<QHH")
+# the same, then the block's hash (kernels.block_hashes, HASH_VERSION 1) when the entry writes
+# the whole block (start 0, end 4096): format version 2
+INDEX_HASHED = struct.Struct("<QHHQ")
 # checksum, version, flags (bit 0: tagged), tag length, time; then the UTF-8 tag
 CHECKPOINT_VALUE = struct.Struct("<QBBHd")
 # checksum, version, sealed generation, durable, promoted, promoting (gen, lsn each), entries, bytes
@@ -33,6 +38,7 @@ VPG_VALUE = struct.Struct("<QB3xI")
 # checksum, magic, version, next vpg id
 FORMAT_VALUE = struct.Struct("<Q8sII")
 assert ENTRY_HEADER.size == 48 and INDEX_VALUE.size == 12 and CHECKPOINT_VALUE.size == 20
+assert INDEX_HASHED.size == 20
 assert STATE_VALUE.size == 68 and DISK_VALUE.size == 24 and VPG_VALUE.size == 16 and FORMAT_VALUE.size == 24
 
 ENTRY_HEADER_SIZE = ENTRY_HEADER.size
@@ -90,17 +96,32 @@ def peek_entry_time(value: bytes) -> float:
 
 
 # -- index ------------------------------------------------------------------------------
-def encode_index(key: bytes, start: int, end: int) -> bytes:
-    body = INDEX_VALUE.pack(0, start, end)[8:]
+def encode_index(key: bytes, start: int, end: int, block_hash: int | None = None) -> bytes:
+    """An index record; ``block_hash`` only for a whole block (start 0, end 4096)."""
+    if block_hash is None:
+        body = INDEX_VALUE.pack(0, start, end)[8:]
+    else:
+        body = INDEX_HASHED.pack(0, start, end, block_hash)[8:]
     return _CHECK.pack(checksum(key, body)) + body
 
 
 def decode_index(key: bytes, value: bytes) -> tuple[int, int]:
+    """(start, end) of a verified index record (either layout)."""
+    return decode_index_hash(key, value)[:2]
+
+
+def decode_index_hash(key: bytes, value: bytes) -> tuple[int, int, int | None]:
+    """(start, end, block hash or None) of a verified index record."""
     unseal(key, value, INDEX_VALUE.size)
-    if len(value) != INDEX_VALUE.size:
-        raise RecordError(f"{len(value)} bytes")
-    _, start, end = INDEX_VALUE.unpack(value)
-    return start, end
+    if len(value) == INDEX_VALUE.size:
+        _, start, end = INDEX_VALUE.unpack(value)
+        return start, end, None
+    if len(value) == INDEX_HASHED.size:
+        _, start, end, h = INDEX_HASHED.unpack(value)
+        if (start, end) != (0, 4096):
+            raise RecordError(f"a block hash on a record of bytes [{start}, {end}) of its block")
+        return start, end, h
+    raise RecordError(f"{len(value)} bytes")
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -179,14 +200,14 @@ def decode_vpg(key: bytes, value: bytes) -> tuple[int, dict]:
 
 
 def encode_format(key: bytes, next_vpg_id: int) -> bytes:
-    return seal(key, FORMAT_VALUE.pack(0, FORMAT_MAGIC, VERSION, next_vpg_id)[8:])
+    return seal(key, FORMAT_VALUE.pack(0, FORMAT_MAGIC, FORMAT_VERSION, next_vpg_id)[8:])
 
 
-def decode_format(key: bytes, value: bytes) -> int:
+def decode_format(key: bytes, value: bytes) -> tuple[int, int]:
+    """(next vpg id, format version) of a journal this code can open."""
     unseal(key, value, FORMAT_VALUE.size)
     _, magic, version, next_id = FORMAT_VALUE.unpack(value)
-    if magic != FORMAT_MAGIC or version != VERSION:
-        raise RecordError(f"magic {magic!r} version {version}: not a Tidemark journal of version {VERSION}")
-    return next_id
-
-
+    if magic != FORMAT_MAGIC or version not in FORMAT_VERSIONS_READ:
+        raise RecordError(f"magic {magic!r} version {version}: not a Tidemark journal of version "
+                          f"{' or '.join(map(str, FORMAT_VERSIONS_READ))}")
+    return next_id, version

@@ -250,8 +250,6 @@ def create_app(vra: VRA) -> Flask:
         replica holes where no journal entry touches the span -- are answered as runs
         ``[[first, count], ...]`` (block numbers from ``offset``) and left out of ``hashes``.
         Without it, format 1: a hash for every block (holes hashed as zero blocks)."""
-        import base64
-
         import numpy as np
 
         from appliance import kernels
@@ -277,6 +275,27 @@ def create_app(vra: VRA) -> Flask:
         length = max(0, min(length, cap - offset))
         step = max(bs, (16 << 20) // bs * bs)
         zero_hash = np.uint64(kernels.zero_block_hash(bs))
+        if bs == 4096:
+            # the journal's own block size: whole blocks hashed at append answer from the index
+            # (appliance/dss/hashes.py), the rest from replica pages or the reader
+            pos, parts, holes = None, [], []
+            try:
+                for o in range(offset, offset + length, step):
+                    p_, h, hole = j.image_hashes(vpg, vm, disk, o, min(step, offset + length - o))
+                    pos = pos or p_
+                    parts.append(h)
+                    holes.append(hole)
+            except (ValueError, DSSError) as exc:
+                raise APIError(f"hashes of VM {vm} disk {disk}: {exc}") from exc
+            pos = pos or j.durable_pos(vpg) or Pos(0, 0)
+            hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+            hole = np.concatenate(holes) if holes else np.zeros(0, dtype=bool)
+            zero_runs = []
+            if runs_ok and hole.any():
+                edges = np.flatnonzero(np.diff(np.concatenate(([0], hole.view(np.int8), [0]))))
+                zero_runs = [[s_, e_ - s_] for s_, e_ in zip(edges[::2].tolist(), edges[1::2].tolist())]
+                hashes = hashes[~hole]
+            return jsonify(_hashes_answer(pos, offset, length, bs, hashes, zero_runs if runs_ok else None))
         for _ in range(5):
             pos = j.durable_pos(vpg) or Pos(0, 0)
             parts, zero_runs = [], []
@@ -317,9 +336,7 @@ def create_app(vra: VRA) -> Flask:
         else:
             raise APIError("the journal kept moving past the hashed position")
         hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
-        out = {"pos": str(pos), "offset": offset, "length": length, "block_size": bs,
-               "hash_version": kernels.HASH_VERSION,
-               "hashes": base64.b64encode(hashes.astype("<u8").tobytes()).decode()}
+        merged = None
         if runs_ok:
             merged = []
             for s, c in zero_runs:                 # spans meet at 16 MiB: join their runs
@@ -327,8 +344,7 @@ def create_app(vra: VRA) -> Flask:
                     merged[-1][1] += c
                 else:
                     merged.append([s, c])
-            out.update(format=2, zero_runs=merged)
-        return jsonify(out)
+        return jsonify(_hashes_answer(pos, offset, length, bs, hashes, merged))
 
     @app.get("/v1/recovery/vpgs/<vpg>/disks/<vm>/<int:disk>/hash")
     def image_hash(vpg, vm, disk):
@@ -474,3 +490,17 @@ def create_app(vra: VRA) -> Flask:
             raise e from None
 
     return app
+
+
+def _hashes_answer(pos, offset: int, length: int, bs: int, hashes, zero_runs) -> dict:
+    """The body of a hashes answer: format 1 (a hash per block), or with ``zero_runs`` (a list)
+    format 2 (blocks known zero left out of ``hashes``, as ``[[first, count], ...]``)."""
+    import base64
+
+    from appliance import kernels
+    out = {"pos": str(pos), "offset": offset, "length": length, "block_size": bs,
+           "hash_version": kernels.HASH_VERSION,
+           "hashes": base64.b64encode(hashes.astype("<u8").tobytes()).decode()}
+    if zero_runs is not None:
+        out.update(format=2, zero_runs=zero_runs)
+    return out

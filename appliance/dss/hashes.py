@@ -1,0 +1,170 @@
+"""image_hashes(): per-4 KiB block hashes of a disk image at the durable position, for delta sync.
+
+The image is the replica file overlaid by the journal's entries (``reader.py``). Reading it
+through the point-in-time reader costs a Python pass per block; here the index answers instead:
+the index record of a block an entry writes whole carries the block's hash (format version 2,
+``append.py``), so one forward scan over the range's index keys, parsed with NumPy, gives every
+block whose newest version at the position is a whole-block write, without reading an entry.
+What is left comes from elsewhere:
+
+* blocks no entry at or before the position touches: the replica file, hashed in place (only
+  its data extents; holes are zero blocks, reported as such so the caller can skip them);
+* blocks whose newest version wrote part of the block, or was journaled by format version 1
+  (no hash): read through the point-in-time reader, then hashed.
+
+Consistency with promotion is the reader's argument (``reader.py``): the position is pinned
+before the index scan, so promotion only ever applies entries at or before it, and it writes
+the replica before it deletes what it applied. A block with no version in the scan therefore
+reads the same from the replica at any moment of a promotion, and a block with one is answered
+from the index record's hash, which is the content of that version whatever happens to the
+entry afterwards.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+from rocksdict import ReadOptions
+from xxhash import xxh3_64_intdigest as _xxh3
+
+from appliance import kernels
+from appliance.extents import file_hashes
+
+from . import keys as K
+from .errors import JournalCorrupt
+from .pos import ZERO, Pos
+from .reader import _index_name, check_range, read_at
+
+_Q = struct.Struct(">Q")
+_BLOCK = K.BLOCK
+_SHIFT = K.BLOCK_SHIFT
+_KEY = np.dtype([("prefix", "V22"), ("block", ">u8"), ("gen", ">u4"), ("lsn", ">u8")])
+_HASHED = np.dtype([("check", "<u8"), ("start", "<u2"), ("end", "<u2"), ("hash", "<u8")])
+assert _KEY.itemsize == K.INDEX_KEY_SIZE and _HASHED.itemsize == 20
+
+
+def image_hashes(j, vpg: str, vm: str, disk: int, offset: int, length: int
+                 ) -> tuple[Pos, np.ndarray, np.ndarray]:
+    """``(pos, hashes, hole)`` for ``[offset, offset + length)`` (``offset`` a multiple of
+    4 KiB): the durable position hashed, one ``kernels.block_hashes`` value per 4 KiB block (the
+    range's last partial block zero-padded, as read), and per block whether it is a replica hole that no
+    entry touches (its hash is then the zero block's)."""
+    v = j._vpg(vpg)
+    d = j._disk(v, vm, disk)
+    check_range(d, offset, length)
+    if offset % _BLOCK:
+        raise ValueError(f"offset {offset} is not a multiple of {_BLOCK}")
+    nb = -(-length // _BLOCK)
+    pos = v.durable or ZERO
+    v.pins.pin(pos)
+    try:
+        hashes, hole = _hashes_at(j, v, d, offset, length, nb, pos)
+    finally:
+        v.pins.unpin(pos)
+    return pos, hashes, hole
+
+
+def _hashes_at(j, v, d, offset: int, length: int, nb: int, pos: Pos):
+    first = offset >> _SHIFT
+    hashes = np.zeros(nb, dtype=np.uint64)
+    hole = np.zeros(nb, dtype=bool)
+    # 1. the index (a snapshot as of now): per block, its newest version at or before pos
+    ro = ReadOptions()
+    ro.set_iterate_upper_bound(d.prefix + _Q.pack(first + nb))
+    keys, vals = [], []
+    kadd, vadd = keys.append, vals.append
+    for k, val in j._index.items(from_key=d.prefix + _Q.pack(first), read_opt=ro):
+        kadd(k)
+        vadd(val)
+    from_replica = np.ones(nb, dtype=bool)
+    slow = []                                         # blocks read through the reader
+    if keys:
+        if any(len(k) != K.INDEX_KEY_SIZE for k in keys):
+            bad = next(k for k in keys if len(k) != K.INDEX_KEY_SIZE)
+            raise JournalCorrupt(f"index key {bad.hex()}", v.name, "a key of the wrong length")
+        ka = np.frombuffer(b"".join(keys), dtype=_KEY)
+        blocks = ka["block"].astype(np.int64)
+        gen, lsn = ka["gen"], ka["lsn"]
+        at = (gen < pos.generation) | ((gen == pos.generation) & (lsn <= pos.lsn))
+        idx = np.flatnonzero(at)
+        if idx.size:
+            b_at = blocks[idx]
+            newest = idx[np.append(b_at[1:] != b_at[:-1], True)]     # keys sort by block, pos
+            from_replica[blocks[newest] - first] = False
+            sel_vals = [vals[i] for i in newest.tolist()]
+            sel_keys = [keys[i] for i in newest.tolist()]
+            hashed = np.fromiter(map(len, sel_vals), dtype=np.int64, count=len(sel_vals)) == 20
+            if hashed.all():
+                hv = np.frombuffer(b"".join(sel_vals), dtype=_HASHED)
+                _verify(sel_keys, sel_vals, hv["check"], v, d)
+                if not ((hv["start"] == 0) & (hv["end"] == _BLOCK)).all():
+                    i = int(np.flatnonzero((hv["start"] != 0) | (hv["end"] != _BLOCK))[0])
+                    raise JournalCorrupt(_index_name(sel_keys[i], d), v.name,
+                                         "a block hash on a record of part of its block")
+                hashes[blocks[newest] - first] = hv["hash"]
+            else:
+                for i, (k, val) in enumerate(zip(sel_keys, sel_vals)):
+                    b = int(blocks[newest[i]]) - first
+                    h = _hash_of(k, val, v, d)
+                    if h is None:
+                        slow.append(b)
+                    else:
+                        hashes[b] = h
+    if length % _BLOCK and not from_replica[-1] and (not slow or slow[-1] != nb - 1):
+        slow.append(nb - 1)      # the range ends inside that block: hashed zero-padded, as read
+    # 2. blocks no entry at or before pos touches: the replica's bytes (holes: zero blocks)
+    for s, c in _runs(from_replica):
+        off = offset + s * _BLOCK
+        n = min(c * _BLOCK, offset + length - off)
+        hashes[s:s + c], hole[s:s + c], _ = file_hashes(d.fd, off, n, _BLOCK)
+    # 3. blocks whose newest version wrote part of them (or carries no hash): the reader
+    for s, c in _runs_of(slow):
+        off = offset + s * _BLOCK
+        n = min(c * _BLOCK, offset + length - off)
+        hashes[s:s + c] = kernels.block_hashes(read_at(j, v, d, off, n, pos), _BLOCK)
+    return hashes, hole
+
+
+def _verify(keys, vals, checks, v, d) -> None:
+    got = np.fromiter((_xxh3(k + val[8:]) for k, val in zip(keys, vals)), dtype=np.uint64,
+                      count=len(keys))
+    if not np.array_equal(got, checks):
+        i = int(np.flatnonzero(got != checks)[0])
+        raise JournalCorrupt(_index_name(keys[i], d), v.name, "index record checksum mismatch")
+
+
+def _hash_of(k: bytes, val: bytes, v, d) -> int | None:
+    """The block hash a verified index record carries; None when it has none."""
+    if len(val) not in (12, 20):
+        raise JournalCorrupt(_index_name(k, d), v.name, f"index record of {len(val)} bytes")
+    if _xxh3(k + val[8:]) != int.from_bytes(val[:8], "little"):
+        raise JournalCorrupt(_index_name(k, d), v.name, "index record checksum mismatch")
+    if len(val) == 12:
+        return None
+    rec = np.frombuffer(val, dtype=_HASHED)[0]
+    if (int(rec["start"]), int(rec["end"])) != (0, _BLOCK):
+        raise JournalCorrupt(_index_name(k, d), v.name, "a block hash on a record of part of its block")
+    return int(rec["hash"])
+
+
+def _runs(mask: np.ndarray):
+    """(start, count) of each run of True in ``mask``."""
+    if not mask.any():
+        return
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
+    for s, e in zip(edges[::2].tolist(), edges[1::2].tolist()):
+        yield s, e - s
+
+
+def _runs_of(blocks: list[int]):
+    """(start, count) of each run of consecutive block numbers (ascending input)."""
+    start = prev = None
+    for b in blocks:
+        if prev is not None and b == prev + 1:
+            prev = b
+            continue
+        if start is not None:
+            yield start, prev - start + 1
+        start = prev = b
+    if start is not None:
+        yield start, prev - start + 1
