@@ -45,7 +45,7 @@ from .hypervisor import DiskSpec, NicSpec, RecoveryImage, VMSpec
 from .hypervisor.errors import HypervisorError
 from .hypervisor.errors import NotFound as HvNotFound
 from .tasks import ACTIVE
-from .vpgs import vra_url
+from .vpgs import DELETING, FAILING_OVER, MOVING, OPERATION_STATUSES, RECOVERED, vra_url
 from .vpgtasks import VpgOp
 from .vpgsettings import nic_id
 
@@ -99,8 +99,16 @@ def select_vms(vpg: dict, vm_ids: list | None) -> list[str]:
 
 
 def busy(zvm, vpg: dict) -> None:
-    """409 while the VPG has a running test or clone, or an active exclusive task here."""
+    """409 while the VPG has a running test or clone, or an active exclusive task here, or a
+    recovery operation owns its status (failing over, moving, deleting, recovered: a recovered
+    VPG has no journal left to recover from)."""
     doc = zvm.services["vpgs"].get(vpg["identifier"])
+    st = doc["state"].get("status")
+    if st in OPERATION_STATUSES:
+        what = {FAILING_OVER: "failing over", MOVING: "moving", DELETING: "being deleted",
+                RECOVERED: "recovered already (its VMs run at the recovery site; replication is "
+                           "off)"}[st]
+        raise Conflict(f"VPG {doc['name']} is {what}: no recovery operation now")
     for key in RUNNING_KEYS:
         if doc.get(key):
             what = "a failover test" if key == "_failoverTest" else "a clone"
