@@ -11,6 +11,7 @@ by key ``vpg:<id>:<help>`` on every pass (events.py: idempotent both ways).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from .errors import ZVMError
@@ -51,11 +52,17 @@ class VpgMonitor:
     def __init__(self, zvm, vpgs):
         self.zvm, self.vpgs = zvm, vpgs
         self._samples: dict[str, tuple[float, int, int]] = {}   # vpg -> (t, bytes, records)
+        self._telling: set[str] = set()       # VPGs whose protected site is being told (a thread)
+        self._lock = threading.Lock()
 
     def sync(self) -> dict[str, tuple[int, int]]:
-        """One pass over this site's protected VPGs; their (status, substatus)."""
+        """One pass over this site's protected VPGs; their (status, substatus). A VPG recovered
+        here while its protected site was down tells that site once it answers again
+        (``operations.failover.tell_protected_site``)."""
         out = {}
         for vpg in self.vpgs.list():
+            if vpg.get("_sourcePending"):
+                self._tell_source(vpg)
             if vpg["role"] != "protected" or vpg["state"]["status"] in OPERATION_STATUSES:
                 continue                  # a failover, move or delete owns the status
             try:
@@ -63,6 +70,26 @@ class VpgMonitor:
             except ZVMError as exc:
                 log.warning("VPG %s: status pass failed: %s", vpg["name"], exc)
         return out
+
+    def _tell_source(self, vpg: dict) -> None:
+        """Tell the VPG's protected site about a failover it missed, in a thread of its own (its
+        calls may take a while: power-offs there), one at a time per VPG."""
+        from .operations.failover import tell_protected_site
+        vid = vpg["identifier"]
+        with self._lock:
+            if vid in self._telling:
+                return
+            self._telling.add(vid)
+
+        def run():
+            try:
+                tell_protected_site(self.zvm, vpg)
+            except ZVMError as exc:
+                log.warning("VPG %s: telling its protected site: %s", vpg["name"], exc)
+            finally:
+                with self._lock:
+                    self._telling.discard(vid)
+        threading.Thread(target=run, name=f"tell-source-{vid}", daemon=True).start()
 
     def _protected_counters(self, vpg: dict) -> tuple[int, int, bool]:
         total_bytes = total_recs = 0

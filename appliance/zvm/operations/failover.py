@@ -175,11 +175,20 @@ class LiveRecovery(ReverseSteps, RecoveryOp):
                                f"/v1/recovery/vpgs/{self.vpg_id}?keep_replicas=1")
         except NotFound:
             pass
+        delete = self.type == "Move" and not self.data.get("keepSourceVms")
         try:
-            self.source("recovered", {"deleteSourceVms": self.type == "Move" and
-                                      not self.data.get("keepSourceVms")})
+            self.source("recovered", {"deleteSourceVms": delete})
         except Unavailable as exc:
-            self.note(f"the protected site does not answer ({exc}): mark it there when it is back")
+            # the protected site is down (a failover without it): tell it when it is back, or
+            # its VRAs go on streaming a VPG nobody receives and its VMs run next to ours
+            policy = self.shutdown_policy() if self.data.get("sourceUnreachable") else 0
+            with self.vpgs.update(self.vpg_id) as d:
+                d["_sourcePending"] = {"task": self.task["identifier"], "deleteSourceVms": delete,
+                                       "shutdown": policy, "vms": self.rec["vms"],
+                                       "since": time.time()}
+            self.note(f"the protected site does not answer ({exc}): it is told when it answers "
+                      "again (replication off there" +
+                      (", the source VMs shut down" if policy else "") + ")")
         self.vpgs.set_state(self.vpg_id, status=RECOVERED, substatus=SUB_NONE, activeProcess=None)
         return "done"
 
@@ -379,6 +388,59 @@ class SourceSide:
                 except HvNotFound:
                     pass
         self.vpgs.set_state(vpg_id, status=RECOVERED, substatus=SUB_NONE, activeProcess=None)
+
+
+def tell_protected_site(zvm, vpg: dict) -> bool:
+    """At the recovery site: a failover committed while the VPG's protected site did not answer
+    left ``_sourcePending`` in the VPG document; tell that site now, when it answers again. It
+    shuts the source VMs down if the failover's shutdown policy asked for it (they restarted with
+    their hosts, next to the recovered VMs), stops replicating the VPG (its VRAs were restarted
+    with their saved protection) and shows the VPG Recovered. True once told (or nothing is
+    left to tell); False while the protected site is still unreachable: the next pass tries
+    again. Called by the VPG status monitor (vpgstatus.py) on every pass."""
+    pending = vpg.get("_sourcePending")
+    if not pending or vpg["role"] != "recovery":
+        return True
+    vpgs = zvm.services["vpgs"]
+    sites = zvm.services.get("sites")
+    vid = vpg["identifier"]
+    try:
+        if sites is not None and not sites.peer(vpg["protectedSiteIdentifier"]).get("reachable", True):
+            return False                  # the peer monitor says it is down: no call to wait on
+    except NotFound:
+        pass                              # unpaired: the call below says so
+    base = f"/v1/internal/vpgs/{vid}/source"
+    done = []
+    try:
+        # replication off first (nothing the source VMs wrote since the failover counts), then
+        # the VMs the failover would have shut down, then (a Move) their removal
+        vpgs.peer_call(vpg, "POST", f"{base}/recovered", timeout=SOURCE_CALL_S,
+                       json={"deleteSourceVms": False})
+        done.append("replication off there, the VPG Recovered")
+        if pending.get("shutdown"):
+            ans = vpgs.peer_call(vpg, "POST", f"{base}/shutdown", timeout=SOURCE_CALL_S, json={
+                "force": pending["shutdown"] == 2, "vms": pending.get("vms") or None})
+            done.append(f"source VMs shut down: {', '.join(ans.get('names') or []) or 'none was running'}")
+        if pending.get("deleteSourceVms"):
+            vpgs.peer_call(vpg, "POST", f"{base}/recovered", timeout=SOURCE_CALL_S,
+                           json={"deleteSourceVms": True})
+            done.append("source VMs removed (disk files kept)")
+        text = f"VPG {vpg['name']}: its protected site answers again after the failover: " + \
+            "; ".join(done)
+        ok = True
+    except Unavailable:
+        return False
+    except (Conflict, NotFound) as exc:   # not protected from there any more (changed there)
+        text = f"VPG {vpg['name']}: its protected site answers again but took nothing: {exc}"
+        ok = False
+    except ZVMError as exc:               # anything else: the next pass asks again
+        log.warning("VPG %s: telling the protected site it is recovered: %s", vpg["name"], exc)
+        return False
+    with vpgs.update(vid) as d:
+        d.pop("_sourcePending", None)
+    zvm.events.record("Failover", text, entity="VPG", success=ok, vpg=vpgs.link(vpg))
+    log.info("%s", text)
+    return True
 
 
 def reason_moving(vpg: dict) -> str:
