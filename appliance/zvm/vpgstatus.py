@@ -24,23 +24,29 @@ log = logging.getLogger("tidemark.zvm.vpgstatus")
 def evaluate(*, initial_sync_done: bool, paused: bool, syncing: bool, reachable: bool,
              rpo_s: float | None, rpo_configured_s: int, history_s: float,
              history_configured_s: float, since_sync_s: float, grace_s: float = 0.0,
+             dropped_s_ago: float | None = None,
              current: tuple[int, int] = (INITIALIZING, SUB_INITIAL_SYNC)) -> tuple[int, int]:
     """(status, substatus) of a protected VPG.
 
     - Initializing / InitialSync until the initial sync finished (the create task says so);
     - paused: the status stays as measured, SubStatus ReplicationPausedUserInitiated;
     - RpoNotMeetingSLA when the actual RPO exceeds the configured one (or none is known);
-    - HistoryNotMeetingSLA when, once the configured history could have built up
-      (``since_sync_s >= history + grace``), the journal holds less;
+    - HistoryNotMeetingSLA when the journal holds less than the configured history and either
+      the configured history could have built up (``since_sync_s >= history + grace``) or the
+      journal dropped history to stay under its hard limit within the last configured history
+      (``dropped_s_ago < history``: what it dropped was inside the window, so the configured
+      history cannot be there, however young the VPG is);
     - else MeetingSLA; SubStatus DeltaSync while a delta/bitmap sync runs.
     """
     if not initial_sync_done:
         return current
     if not reachable:
         return current[0], SUB_DISCONNECTED
+    built_up = since_sync_s >= history_configured_s + grace_s
+    dropped = dropped_s_ago is not None and dropped_s_ago < history_configured_s
     if rpo_s is None or rpo_s > rpo_configured_s:
         status = RPO_NOT_MET
-    elif since_sync_s >= history_configured_s + grace_s and history_s < history_configured_s * 0.95:
+    elif (built_up or dropped) and history_s < history_configured_s * 0.95:
         status = HISTORY_NOT_MET
     else:
         status = MEETING_SLA
@@ -129,10 +135,14 @@ class VpgMonitor:
             stats.update(actualRpo=None if rep["rpoS"] is None else int(rep["rpoS"]),
                          latestCheckpoint=rep["latestCheckpoint"], journalBytes=rep["journalBytes"],
                          historyS=rep["historyS"], journalAlerts=rep.get("journalAlerts", []))
+            if any(j.get("kind") == "journal_hard_limit" for j in stats["journalAlerts"]):
+                # the recovery VRA's last journal maintenance dropped the oldest history
+                stats["historyDroppedAt"] = now
         except ZVMError as exc:
             reachable = False
             log.info("VPG %s: recovery side: %s", vpg["name"], exc)
         done = state.get("initialSyncDone")
+        dropped_at = stats.get("historyDroppedAt")
         status, sub = evaluate(
             initial_sync_done=bool(done), paused=bool(state.get("paused")), syncing=syncing,
             reachable=reachable, rpo_s=stats.get("actualRpo"),
@@ -140,6 +150,7 @@ class VpgMonitor:
             history_s=float(stats.get("historyS") or 0),
             history_configured_s=float(basic.get("journalHistoryInHours") or 24) * 3600,
             since_sync_s=now - done if done else 0.0, grace_s=self.zvm.cfg.vpg_history_grace_s,
+            dropped_s_ago=now - dropped_at if dropped_at and done and dropped_at >= done else None,
             current=(state["status"], state["substatus"]))
         stats["sampleTime"] = now
         with self.vpgs.update(vid) as doc:
@@ -163,9 +174,14 @@ class VpgMonitor:
         else:
             a.clear(key + "VPG0009")
         if status == HISTORY_NOT_MET:
+            dropped = stats.get("historyDroppedAt")
+            why = ""
+            if dropped and time.time() - dropped < float(basic.get("journalHistoryInHours") or 24) * 3600:
+                why = ("; it dropped its oldest history to stay under its hard limit at "
+                       f"{time.strftime('%H:%M:%S', time.gmtime(dropped))} UTC: raise the limit")
             a.raise_(key + "VPG0010", "VPG0010", f"VPG {vpg['name']}: the journal holds "
                      f"{int(stats.get('historyS') or 0) // 60} min of history, configured "
-                     f"{basic['journalHistoryInHours']} h", vpg=link)
+                     f"{basic['journalHistoryInHours']} h{why}", vpg=link)
         else:
             a.clear(key + "VPG0010")
         if syncing:

@@ -7,6 +7,7 @@
 
 ``vm_hosts={index: recovery host name}`` gives VMs (in name order) a recovery host of their own
 (``Vms[i].Recovery.HostIdentifier``) besides the VPG's default host (site-b-h0).
+``sections={"Journal": {...}}`` adds settings sections to the VPG's body.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ FAST = dict(vpg_checkpoint_interval_s=1.0, monitor_interval_s=0.5)
 
 def protected_site(lab, start_zvm, *, key: str, boot=None, reip: dict | None = None,
                    vms_on_h0: bool = True, name: str = "vpg-rec",
-                   vm_hosts: dict[int, str] | None = None) -> dict:
+                   vm_hosts: dict[int, str] | None = None, sections: dict | None = None) -> dict:
     a = start_zvm("site-a", key=f"{key}-a", **FAST)
     b = start_zvm("site-b", key=f"{key}-b", **FAST)
     pair(a, b)
@@ -47,6 +48,7 @@ def protected_site(lab, start_zvm, *, key: str, boot=None, reip: dict | None = N
     if reip:
         body["Vms"][-1]["Nics"] = [{"NicIdentifier": "Network adapter 1", "FailoverTest": {
             "Hypervisor": {"ShouldReplaceMacAddress": True, "IpConfig": reip}}}]
+    body.update(sections or {})
     sid = a.ok("POST", "/v1/vpgSettings", json=body)
     a.wait_task(a.ok("POST", f"/v1/vpgSettings/{sid}/commit"), 180)
     [v] = [x for x in a.ok("GET", "/v1/vpgs") if x["VpgName"] == name]

@@ -145,6 +145,12 @@ def test_status_rule():
     assert evaluate(**{**base, "rpo_s": None}) == (4, 0)
     assert evaluate(**{**base, "history_s": 600}) == (3, 0)
     assert evaluate(**{**base, "history_s": 600, "since_sync_s": 60}) == (1, 0)   # still building up
+    # the journal dropped history inside the configured window (hard limit): not met, however young
+    young = {**base, "history_s": 600, "since_sync_s": 60}
+    assert evaluate(**{**young, "dropped_s_ago": 5}) == (3, 0)
+    assert evaluate(**{**young, "dropped_s_ago": 4000}) == (1, 0)     # before the window
+    assert evaluate(**{**young, "history_s": 3500, "dropped_s_ago": 5}) == (1, 0)   # 95 % is there
+    assert evaluate(**{**young, "dropped_s_ago": 5, "rpo_s": 31}) == (4, 0)   # RPO first
     assert evaluate(**{**base, "syncing": True}) == (1, 6)
     assert evaluate(**{**base, "paused": True, "rpo_s": 100}) == (4, 25)
     assert evaluate(**{**base, "reachable": False}, current=(1, 0)) == (1, 24)
