@@ -19,7 +19,9 @@ from the prepared content, as a guest filling its page cache would; the same
             it. The VRA is a separate process using
             ``simulator.mirror.MirrorClient``: it polls every record
             (``RingConsumer.poll`` verifies the XXH3 checksum), checks that the
-            host seq grows by one, pwrites WRITE payloads to a replica file, and
+            host seq grows by one, pwrites WRITE payloads to a replica file
+            (in /dev/shm unless --replica-dir says otherwise: it only proves the
+            stream complete; a protected VRA keeps no replica on the host), and
             acknowledges after every record it applied.
 
 The mirrored time runs from the first write until the VRA has acknowledged the
@@ -238,6 +240,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="where to put the disk files (default: system temp)")
     ap.add_argument("--ring-dir", default="/dev/shm" if os.access("/dev/shm", os.W_OK) else None,
                     help="where to put the ring and doorbell (default /dev/shm, as the lab does)")
+    ap.add_argument("--replica-dir", default=None,
+                    help="where the bench VRA keeps its replica (default: with the ring, in "
+                         "/dev/shm; 'disk': beside the disk file). The replica only proves the "
+                         "stream complete: a protected VRA forwards writes and keeps none on the "
+                         "host, so a second ext4 writer on the host would charge the IO path "
+                         "with work it does not cause")
     ap.add_argument("--block-sizes", default=None, help="comma separated KiB, e.g. 64")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--pin", action="store_true",
@@ -270,7 +278,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="tidemark-bench-", dir=args.dir))
-    host = proc = parent_conn = shm = None
+    host = proc = parent_conn = shm = replica_path = None
     stop = threading.Event()
     results = {}
     try:
@@ -282,8 +290,9 @@ def main(argv=None) -> int:
                  "ring_path": str(shm / "h0.ring"), "ring_capacity": args.ring_mib * MiB,
                  "sock_path": str(shm / "h0.sock")}
         disk_path = str(work / "disk0.img")
-        replica_path = str(work / "replica0.img")
-        log(f"pre-allocating {args.disk_mib} MiB disk and replica in {work} ...")
+        rdir = work if args.replica_dir == "disk" else Path(args.replica_dir) if args.replica_dir else shm
+        replica_path = str(rdir / "replica0.img")
+        log(f"pre-allocating {args.disk_mib} MiB disk in {work}, replica in {rdir} ...")
         preallocate(disk_path, capacity, args.disk_init == "written")
         preallocate(replica_path, capacity, args.disk_init == "written")
         flush()
@@ -429,6 +438,8 @@ def main(argv=None) -> int:
             host.shutdown()
             stop.set()
             host.io.close()
+        if replica_path is not None and args.replica_dir not in (None, "disk"):
+            Path(replica_path).unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
         if shm is not None:
             shutil.rmtree(shm, ignore_errors=True)
