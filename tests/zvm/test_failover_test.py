@@ -116,8 +116,10 @@ def test_failover_test_stop_tears_down_and_reports(s):
                 json={"FailoverTestSuccess": True, "FailoverTestSummary": "apps answered"})
     a.wait_task(stop, 60)
     assert recovery_vms(lab, SUFFIX) == [] and images(b, vid) == []
-    va, vb = vpg(a, vid), vpg(b, vid)
-    assert va["ActiveProcessesApi"] is None and vb["ActiveProcessesApi"] is None
+    # the protected site learns the end of the test from the recovery site (a peer call)
+    va, vb = wait_until(lambda: (lambda x, y: (x, y) if x["ActiveProcessesApi"] is None
+                                 and y["ActiveProcessesApi"] is None else None)(vpg(a, vid), vpg(b, vid)),
+                        15, 0.2, "the test's end shown on both sites")
     assert va["LastTest"] and va["LastTest"] == vb["LastTest"]
     assert a.post(f"/v1/vpgs/{vid}/FailoverTestStop", json={}).status_code == 409
     for z in (a, b):
