@@ -72,6 +72,23 @@ def block_runs(extents, offset: int, length: int, block_size: int) -> list[tuple
     return [(f, c) for f, c in out]
 
 
+def mask_runs(mask) -> list[tuple[int, int]]:
+    """(start, count) of each run of True in the bool array ``mask``, ascending."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], np.asarray(mask, dtype=np.int8), [0]))))
+    return list(zip(edges[::2].tolist(), (edges[1::2] - edges[::2]).tolist()))
+
+
+def index_runs(idx) -> list[tuple[int, int]]:
+    """Runs of consecutive ints in an ascending sequence: [(start, count), ...]."""
+    out: list[list[int]] = []
+    for i in (int(x) for x in idx):
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1][1] += 1
+        else:
+            out.append([i, 1])
+    return [(a, b) for a, b in out]
+
+
 def file_hashes(fd: int, offset: int, length: int, block_size: int, buf=None):
     """Hole-aware ``kernels.block_hashes`` of ``[offset, offset + length)`` of the open file
     ``fd`` (``offset`` a multiple of ``block_size``): ``(hashes uint64[nblocks], hole

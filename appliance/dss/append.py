@@ -11,9 +11,9 @@ from __future__ import annotations
 import struct
 
 from rocksdict import WriteBatch
+from xxhash import xxh3_64_intdigest as _xxh3
 
 from appliance.kernels import block_hashes
-from xxhash import xxh3_64_intdigest as _xxh3
 
 from . import keys as K
 from . import records as R

@@ -28,7 +28,7 @@ from rocksdict import ReadOptions
 from xxhash import xxh3_64_intdigest as _xxh3
 
 from appliance import kernels
-from appliance.extents import file_hashes
+from appliance.extents import file_hashes, index_runs, mask_runs
 
 from . import keys as K
 from .errors import JournalCorrupt
@@ -93,78 +93,43 @@ def _hashes_at(j, v, d, offset: int, length: int, nb: int, pos: Pos):
             from_replica[blocks[newest] - first] = False
             sel_vals = [vals[i] for i in newest.tolist()]
             sel_keys = [keys[i] for i in newest.tolist()]
-            hashed = np.fromiter(map(len, sel_vals), dtype=np.int64, count=len(sel_vals)) == 20
-            if hashed.all():
-                hv = np.frombuffer(b"".join(sel_vals), dtype=_HASHED)
-                _verify(sel_keys, sel_vals, hv["check"], v, d)
+            sizes = np.fromiter(map(len, sel_vals), dtype=np.int64, count=len(sel_vals))
+            if not np.isin(sizes, (12, 20)).all():
+                i = int(np.flatnonzero(~np.isin(sizes, (12, 20)))[0])
+                raise JournalCorrupt(_index_name(sel_keys[i], d), v.name,
+                                     f"index record of {int(sizes[i])} bytes")
+            _verify(sel_keys, sel_vals, v, d)
+            hashed = sizes == 20
+            if hashed.any():
+                hv = np.frombuffer(b"".join(x for x, h in zip(sel_vals, hashed.tolist()) if h),
+                                   dtype=_HASHED)
                 if not ((hv["start"] == 0) & (hv["end"] == _BLOCK)).all():
-                    i = int(np.flatnonzero((hv["start"] != 0) | (hv["end"] != _BLOCK))[0])
+                    i = int(np.flatnonzero(hashed)[np.flatnonzero((hv["start"] != 0) |
+                                                                  (hv["end"] != _BLOCK))[0]])
                     raise JournalCorrupt(_index_name(sel_keys[i], d), v.name,
                                          "a block hash on a record of part of its block")
-                hashes[blocks[newest] - first] = hv["hash"]
-            else:
-                for i, (k, val) in enumerate(zip(sel_keys, sel_vals)):
-                    b = int(blocks[newest[i]]) - first
-                    h = _hash_of(k, val, v, d)
-                    if h is None:
-                        slow.append(b)
-                    else:
-                        hashes[b] = h
+                hashes[blocks[newest[hashed]] - first] = hv["hash"]
+            slow = (blocks[newest[~hashed]] - first).tolist()   # ascending, as the keys
     if length % _BLOCK and not from_replica[-1] and (not slow or slow[-1] != nb - 1):
         slow.append(nb - 1)      # the range ends inside that block: hashed zero-padded, as read
     # 2. blocks no entry at or before pos touches: the replica's bytes (holes: zero blocks)
-    for s, c in _runs(from_replica):
+    for s, c in mask_runs(from_replica):
         off = offset + s * _BLOCK
         n = min(c * _BLOCK, offset + length - off)
         hashes[s:s + c], hole[s:s + c], _ = file_hashes(d.fd, off, n, _BLOCK)
     # 3. blocks whose newest version wrote part of them (or carries no hash): the reader
-    for s, c in _runs_of(slow):
+    for s, c in index_runs(slow):
         off = offset + s * _BLOCK
         n = min(c * _BLOCK, offset + length - off)
         hashes[s:s + c] = kernels.block_hashes(read_at(j, v, d, off, n, pos), _BLOCK)
     return hashes, hole
 
 
-def _verify(keys, vals, checks, v, d) -> None:
+def _verify(keys, vals, v, d) -> None:
+    """Every record's checksum (its first 8 bytes: XXH3 of the key and the rest)."""
     got = np.fromiter((_xxh3(k + val[8:]) for k, val in zip(keys, vals)), dtype=np.uint64,
                       count=len(keys))
+    checks = np.frombuffer(b"".join(val[:8] for val in vals), dtype="<u8")
     if not np.array_equal(got, checks):
         i = int(np.flatnonzero(got != checks)[0])
         raise JournalCorrupt(_index_name(keys[i], d), v.name, "index record checksum mismatch")
-
-
-def _hash_of(k: bytes, val: bytes, v, d) -> int | None:
-    """The block hash a verified index record carries; None when it has none."""
-    if len(val) not in (12, 20):
-        raise JournalCorrupt(_index_name(k, d), v.name, f"index record of {len(val)} bytes")
-    if _xxh3(k + val[8:]) != int.from_bytes(val[:8], "little"):
-        raise JournalCorrupt(_index_name(k, d), v.name, "index record checksum mismatch")
-    if len(val) == 12:
-        return None
-    rec = np.frombuffer(val, dtype=_HASHED)[0]
-    if (int(rec["start"]), int(rec["end"])) != (0, _BLOCK):
-        raise JournalCorrupt(_index_name(k, d), v.name, "a block hash on a record of part of its block")
-    return int(rec["hash"])
-
-
-def _runs(mask: np.ndarray):
-    """(start, count) of each run of True in ``mask``."""
-    if not mask.any():
-        return
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    for s, e in zip(edges[::2].tolist(), edges[1::2].tolist()):
-        yield s, e - s
-
-
-def _runs_of(blocks: list[int]):
-    """(start, count) of each run of consecutive block numbers (ascending input)."""
-    start = prev = None
-    for b in blocks:
-        if prev is not None and b == prev + 1:
-            prev = b
-            continue
-        if start is not None:
-            yield start, prev - start + 1
-        start = prev = b
-    if start is not None:
-        yield start, prev - start + 1

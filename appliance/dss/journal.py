@@ -32,8 +32,8 @@ from rocksdict import WriteBatch
 
 from . import append as _append
 from . import check as _check
-from . import hashes as _hashes
 from . import checkpoint as _checkpoint
+from . import hashes as _hashes
 from . import image as _image
 from . import keys as K
 from . import promotion as _promotion

@@ -254,7 +254,7 @@ def create_app(vra: VRA) -> Flask:
 
         from appliance import kernels
         from appliance.dss import DSSError, NotRecoverable, Pos
-        from appliance.extents import block_runs
+        from appliance.extents import block_runs, mask_runs
         j = need(vra.journal, "recovery")
         try:
             offset = int(request.args.get("offset", 0))
@@ -290,12 +290,11 @@ def create_app(vra: VRA) -> Flask:
             pos = pos or j.durable_pos(vpg) or Pos(0, 0)
             hashes = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
             hole = np.concatenate(holes) if holes else np.zeros(0, dtype=bool)
-            zero_runs = []
-            if runs_ok and hole.any():
-                edges = np.flatnonzero(np.diff(np.concatenate(([0], hole.view(np.int8), [0]))))
-                zero_runs = [[s_, e_ - s_] for s_, e_ in zip(edges[::2].tolist(), edges[1::2].tolist())]
+            zero_runs = None
+            if runs_ok:
+                zero_runs = [[s_, c_] for s_, c_ in mask_runs(hole)]
                 hashes = hashes[~hole]
-            return jsonify(_hashes_answer(pos, offset, length, bs, hashes, zero_runs if runs_ok else None))
+            return jsonify(_hashes_answer(pos, offset, length, bs, hashes, zero_runs))
         for _ in range(5):
             pos = j.durable_pos(vpg) or Pos(0, 0)
             parts, zero_runs = [], []

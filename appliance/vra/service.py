@@ -178,7 +178,7 @@ class VRA:
         import requests
 
         from appliance import kernels
-        from appliance.extents import file_hashes
+        from appliance.extents import file_hashes, index_runs
         side = self.protected
         if side is None or not self.cfg.host_url:
             raise SyncError("this VRA has no protected side (doorbell and host_url) configured")
@@ -281,7 +281,7 @@ class VRA:
                     out["blocks_in_holes"] += int((src_hole & dst_hole).sum())
                     if len(diff):
                         first = off // bs
-                        streams.append(streamer.submit(stream, [[first + s, c] for s, c in _runs(diff)]))
+                        streams.append(streamer.submit(stream, [[first + s, c] for s, c in index_runs(diff)]))
             finally:
                 os.close(fd)
             for fut in streams:
@@ -404,17 +404,6 @@ class VRA:
                                  for v, c in self.coordinators.items()},
                 "delta_syncs": {v: {"running": r, "started": self._syncs_started.get(v, 0)}
                                 for v, r in list(self._syncs_running.items())}}
-
-
-def _runs(idx) -> list[tuple[int, int]]:
-    """Runs of consecutive ints in an ascending array: [(start, count), ...]."""
-    out: list[list[int]] = []
-    for i in (int(x) for x in idx):
-        if out and out[-1][0] + out[-1][1] == i:
-            out[-1][1] += 1
-        else:
-            out.append([i, 1])
-    return [(a, b) for a, b in out]
 
 
 def serve(cfg: VRAConfig, stop: threading.Event) -> int:
