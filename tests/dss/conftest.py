@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import uuid
 
 import pytest
@@ -106,3 +107,22 @@ def journal(tmp_path):
 @pytest.fixture
 def model():
     return Model()
+
+
+def promote_while(j: Journal, now: float, work, threads: int = 2) -> int:
+    """Promote up to ``now`` in many small steps (7 entries each) while ``threads`` threads run
+    ``work(stop)`` until it is set; how many entries were promoted."""
+    import appliance.dss.promotion as P
+    stop = threading.Event()
+    ths = [threading.Thread(target=work, args=(stop,)) for _ in range(threads)]
+    for t in ths:
+        t.start()
+    old = P.STEP_ENTRIES
+    P.STEP_ENTRIES = 7
+    try:
+        return j.promote(VPG, now=now)
+    finally:
+        P.STEP_ENTRIES = old
+        stop.set()
+        for t in ths:
+            t.join()

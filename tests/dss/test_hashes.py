@@ -3,7 +3,6 @@ model's bytes (and the point-in-time reader's), with whole-block hashes from the
 blocks through the reader, replica pages, holes, a concurrent promotion, format version 1
 records and corrupted records."""
 import random
-import threading
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from appliance.dss import Entry, Journal, JournalCorrupt, Pos
 from appliance.dss import keys as K
 from appliance.dss import records as R
 
-from .conftest import CAPACITY, DISKS, T0, VPG, Model, make_journal, run_workload
+from .conftest import CAPACITY, DISKS, T0, VPG, Model, make_journal, promote_while, run_workload
 
 ZERO = np.uint64(kernels.zero_block_hash(4096))
 
@@ -74,9 +73,9 @@ def test_hashes_stay_right_while_promotion_runs(tmp_path):
     run_workload(j, model, rng, 400, cp_every=10)
     pos = j.durable_pos(VPG)
     wants = {k: want_hashes(model, pos, *k) for k in DISKS}
-    errors, stop = [], threading.Event()
+    errors = []
 
-    def hasher():
+    def hasher(stop):
         r = random.Random(1)
         while not stop.is_set():
             k = r.choice(DISKS)
@@ -84,21 +83,7 @@ def test_hashes_stay_right_while_promotion_runs(tmp_path):
             if not np.array_equal(h, wants[k]):
                 errors.append(k)
 
-    threads = [threading.Thread(target=hasher) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        import appliance.dss.promotion as P
-        old = P.STEP_ENTRIES
-        P.STEP_ENTRIES = 7
-        try:
-            n = j.promote(VPG, now=T0 + pos.lsn + 1 + j.settings(VPG).history_s)
-        finally:
-            P.STEP_ENTRIES = old
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+    n = promote_while(j, T0 + pos.lsn + 1 + j.settings(VPG).history_s, hasher)
     assert n > 0 and not errors
     assert_hashes(j, model)          # now mostly from the replica pages
     j.close()

@@ -5,7 +5,8 @@ import pytest
 
 from appliance.dss import Entry, Journal, NotRecoverable, Pos
 
-from .conftest import CAPACITY, DISKS, T0, VPG, Model, make_journal, make_workload, read_disks, run_workload
+from .conftest import (CAPACITY, DISKS, T0, VPG, Model, make_journal, make_workload, promote_while,
+                       read_disks, run_workload)
 
 
 def assert_disks_at(j, model, cp):
@@ -77,9 +78,8 @@ def test_reads_stay_correct_while_promotion_runs(tmp_path):
     late = cps[len(cps) // 2:]
     wants = {cp: model.disks_at(cp.pos) for cp in late[-4:]}
     errors = []
-    stop = threading.Event()
 
-    def reader():
+    def reader(stop):
         r = random.Random(1)
         while not stop.is_set():
             cp = r.choice(list(wants))
@@ -92,22 +92,8 @@ def test_reads_stay_correct_while_promotion_runs(tmp_path):
             if got != wants[cp][(vm, disk)][off:off + 65536]:
                 errors.append((cp, vm, disk, off))
 
-    threads = [threading.Thread(target=reader) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        # promote in many small steps up to the middle of the history
-        import appliance.dss.promotion as P
-        old = P.STEP_ENTRIES
-        P.STEP_ENTRIES = 7
-        try:
-            n = j.promote(VPG, now=T0 + late[0].pos.lsn + j.settings(VPG).history_s)
-        finally:
-            P.STEP_ENTRIES = old
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+    # promote in many small steps up to the middle of the history
+    n = promote_while(j, T0 + late[0].pos.lsn + j.settings(VPG).history_s, reader)
     assert n > 0 and not errors
     j.close()
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import time
 
+import requests
+
 from test_vpgs import doc, install_vras, inv, scribble, settings_body, site_vms, tagged  # noqa: F401
 from waiting import wait_until
 from zvmproc import pair
@@ -89,3 +91,19 @@ def wait_state(z, tid, states=(6,), timeout=120):
         assert st in (1, 2, 7), t
         time.sleep(0.2)
     raise AssertionError(f"task {tid} not in {states} after {timeout} s")
+
+
+def site_b_vms(lab) -> dict:
+    """site-b's VMs by name, the VRA appliances left out."""
+    return {v["name"]: v for v in lab.status()["sites"][1]["vms"] if not v["name"].startswith("Z-VRA")}
+
+
+def b_hash(lab, name, disk):
+    return lab.api("site-b", "GET", f"/api/vms/{name}/disks/{disk}/hash")["sha256"]
+
+
+def vra_get(z, vra_id: str, path: str) -> requests.Response:
+    """A GET on one of z's VRAs' control API, with its token (what the ZVM itself calls)."""
+    vra = doc(z, "vras", vra_id)
+    return requests.get(vra["controlUrl"] + path, timeout=30,
+                        headers={"Authorization": f"Bearer {vra['_token']}"})

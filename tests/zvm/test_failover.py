@@ -8,17 +8,10 @@ state -> 409, bad bodies -> 400, nothing changed.
 """
 from __future__ import annotations
 
-from recoverylab import images, protected_site, scribble, site_vms, source_hashes, tagged, wait_state
+from recoverylab import (b_hash, images, protected_site, scribble, site_b_vms, site_vms,
+                         source_hashes, tagged, wait_state)
 from test_vpgs import check_images, vpg
 from waiting import wait_until
-
-
-def site_b_vms(lab):
-    return {v["name"]: v for v in lab.status()["sites"][1]["vms"] if not v["name"].startswith("Z-VRA")}
-
-
-def b_hash(lab, name, disk):
-    return lab.api("site-b", "GET", f"/api/vms/{name}/disks/{disk}/hash")["sha256"]
 
 
 _S: dict = {}

@@ -15,25 +15,10 @@ from __future__ import annotations
 
 import time
 
-import requests
-
-from recoverylab import images, protected_site, scribble, site_vms, source_hashes, tagged, wait_state
+from recoverylab import (b_hash, images, protected_site, scribble, site_b_vms, site_vms,
+                         source_hashes, tagged, vra_get, wait_state)
 from test_vpgs import doc, vpg
 from waiting import wait_until
-
-
-def site_b_vms(lab) -> dict:
-    return {v["name"]: v for v in lab.status()["sites"][1]["vms"] if not v["name"].startswith("Z-VRA")}
-
-
-def b_hash(lab, name, disk):
-    return lab.api("site-b", "GET", f"/api/vms/{name}/disks/{disk}/hash")["sha256"]
-
-
-def vra_get(z, vra_id: str, path: str) -> requests.Response:
-    vra = doc(z, "vras", vra_id)
-    return requests.get(vra["controlUrl"] + path, timeout=30,
-                        headers={"Authorization": f"Bearer {vra['_token']}"})
 
 
 def test_failover_while_the_protected_site_is_down(zvm_lab, start_zvm):

@@ -15,26 +15,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import requests
-
-from recoverylab import images, protected_site, scribble, site_vms, source_hashes, tagged, wait_state
+from recoverylab import (b_hash, images, protected_site, scribble, site_b_vms, site_vms,
+                         source_hashes, tagged, vra_get, wait_state)
 from test_vpgs import check_images, doc, vpg
 from waiting import wait_until
-
-
-def site_b_vms(lab) -> dict:
-    return {v["name"]: v for v in lab.status()["sites"][1]["vms"] if not v["name"].startswith("Z-VRA")}
-
-
-def b_hash(lab, name, disk):
-    return lab.api("site-b", "GET", f"/api/vms/{name}/disks/{disk}/hash")["sha256"]
-
-
-def vra_get(z, vra_id: str, path: str) -> requests.Response:
-    """A GET on one of z's VRAs' control API, with its token (what the ZVM itself calls)."""
-    vra = doc(z, "vras", vra_id)
-    return requests.get(vra["controlUrl"] + path, timeout=30,
-                        headers={"Authorization": f"Bearer {vra['_token']}"})
 
 
 _S: dict = {}
