@@ -9,6 +9,13 @@ the host (its ring space freed) only when the recovery VRA has journaled it,
 so a VRA that dies loses nothing: the host puts what was not acknowledged into
 dirty bitmaps, and the restarted VRA syncs them. Records are sent from the
 ring's memory without copying until they are packed into a batch.
+
+A VPG that stops streaming from this VRA must not hold the ring: the host frees
+ring space only up to the first record something still needs, so one stuck
+record stalls every VPG of the host and makes a powered-off VM wait the host's
+whole drain timeout. ``unprotect`` therefore releases what its sender will never
+send, and a sender replaced by ``protect`` (new target) hands its records to the
+new one (why that loses nothing: ``ProtectedSide.unprotect``).
 """
 from __future__ import annotations
 
@@ -61,16 +68,78 @@ class Sender:
         self.acked_seq = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._release = False        # on stop: release what was not sent (see ``stop``)
         self.thread = threading.Thread(target=self._run, name=f"sender-{vpg}", daemon=True)
 
     def start(self):
         self.thread.start()
 
-    def stop(self):
+    def stop(self, release: bool = False) -> bool:
+        """Stop streaming; True once the thread has ended (it is given 5 s).
+
+        With ``release`` the records not acknowledged yet are marked done, so that the
+        ring is freed past them: only for records nothing will need (the caller's
+        argument). Without it they stay pending, and the host puts them into dirty
+        bitmaps when the VRA detaches (a VRA shutting down must not free them).
+        """
+        self._release = self._release or release
         self._stop.set()
         with self.cond:
             self.cond.notify_all()
-        self.thread.join(5)
+        sock = self._sock
+        if sock is not None:          # a send blocked on a stalled link returns now
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.thread.is_alive():
+            self.thread.join(5)
+        ended = not self.thread.is_alive()
+        if ended and self._release:   # else the thread releases them as it ends
+            self.release_pending()
+        return ended
+
+    def take_pending(self) -> list:
+        """Everything sent but not durable and everything not sent yet, in stream order;
+        the sender forgets them (a stopped sender's records, for another one to send)."""
+        with self.cond:
+            items = list(self.unacked) + list(self.queue)
+            self.unacked.clear()
+            self.queue.clear()
+            self.inflight = 0
+        return items
+
+    def release_pending(self) -> int:
+        """Mark every pending record done (free its ring space); how many there were."""
+        items = self.take_pending()
+        for _rec, tok in items:
+            tok.done = True
+        if items and self.on_done:
+            self.on_done()
+        return len(items)
+
+    def adopt(self, items: list) -> int:
+        """Before ``start``: send a replaced sender's pending records first, renumbered in
+        this source; its data records only (WRITE, ZERO). Its MARKER and COMMIT records are
+        dropped (marked done): those barriers end abandoned, no checkpoint is made at them.
+        How many records were adopted."""
+        if self.thread.is_alive():
+            raise RuntimeError("adopt before start only")
+        dropped = False
+        with self.cond:
+            data = [(r, t) for r, t in items if r.kind in (wire.R_WRITE, wire.R_ZERO)]
+            for r, t in items:
+                if r.kind not in (wire.R_WRITE, wire.R_ZERO):
+                    t.done = dropped = True
+            merged = data + list(self.queue)
+            self.queue.clear()
+            for i, (r, t) in enumerate(merged, start=1):
+                self.queue.append((wire.Rec(r.kind, i, r.vm, r.disk, r.offset, r.data), t))
+            self.next_seq = len(merged) + 1
+        if dropped and self.on_done:
+            self.on_done()
+        return len(data)
 
     def enqueue(self, kind: int, token: Token, vm: bytes = b"\0" * 16, disk: int = 0,
                 offset: int = 0, data=b""):
@@ -82,10 +151,11 @@ class Sender:
 
     def _connect(self) -> socket.socket:
         sock = socket.create_connection(self.target, timeout=5)
+        self._sock = sock             # ``stop`` shuts it down: no wait for a WELCOME that never comes
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         if self.tls is not None:
-            sock = self.tls.wrap_socket(sock, server_hostname=self.target[0])
+            sock = self._sock = self.tls.wrap_socket(sock, server_hostname=self.target[0])
         wire.send(sock, wire.encode_json(wire.HELLO, {"token": self.token, "source": self.source,
                                                       "vpg": self.vpg}))
         welcome = wire.recv_json(sock, wire.WELCOME)
@@ -112,16 +182,25 @@ class Sender:
             self.on_done()
 
     def _run(self):
+        try:
+            self._stream()
+        finally:
+            if self._release:
+                self.release_pending()
+
+    def _stream(self):
         backoff = 0.1
         while not self._stop.is_set():
             try:
                 sock = self._connect()
             except (OSError, ConnectionError, wire.WireError) as exc:
+                self._sock = None
                 self.last_error = f"connect to {self.target[0]}:{self.target[1]}: {exc}"
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.1
+            self._sock = sock
             self.connected, self.last_error = True, None
             reader = threading.Thread(target=self._read_acks, args=(sock,), daemon=True)
             reader.start()
@@ -136,6 +215,7 @@ class Sender:
                 self._stop.wait(1.0)
             finally:
                 self.connected = False
+                self._sock = None
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -232,14 +312,14 @@ class ProtectedSide:
         recovery VRA's token, when it is not this VRA's own)."""
         if priority not in PRIORITY_WEIGHTS:
             raise ValueError(f"priority is one of {', '.join(PRIORITY_WEIGHTS)}")
+        replaced = new = None
         with self.lock:
             old = self.vpgs.get(vpg)
             token = target_token or self.token
             self.vpgs[vpg] = {"vms": list(vms), "target": tuple(target), "compress": compress,
                               "priority": priority, "token": token}
-            if old and vpg in self.senders and (old["target"], old["compress"], old["token"]) != \
-                    (tuple(target), compress, token):
-                self.senders.pop(vpg).stop()
+            if old and vpg in self.senders and (old["target"], old["token"]) != (tuple(target), token):
+                replaced = self.senders.pop(vpg)
                 self.restarts[vpg] = self.restarts.get(vpg, 0) + 1
             for u in list(self.vm_vpg):
                 if self.vm_vpg[u] == vpg:
@@ -247,14 +327,38 @@ class ProtectedSide:
             for u in vms:
                 self.vm_vpg[uuidlib.UUID(u).bytes] = vpg
             if vpg in self.senders:
-                self.senders[vpg].weight = PRIORITY_WEIGHTS[priority]
-            else:
-                s = Sender(vpg, self.source_for(vpg), target, token, compress, self.tls, self._advance,
-                           self.throttle, priority)
-                self.senders[vpg] = s
-                s.start()
+                s = self.senders[vpg]
+                s.weight, s.compress = PRIORITY_WEIGHTS[priority], compress
+            else:   # started below, once it holds what a replaced sender did not deliver
+                new = Sender(vpg, self.source_for(vpg), target, token, compress, self.tls, self._advance,
+                             self.throttle, priority)
+                self.senders[vpg] = new
+        if replaced is not None:
+            # The VPG stays protected from here: whatever the old stream did not make durable
+            # goes first in the new one (records the old target had made durable but not
+            # acknowledged are sent again: rewriting them in order changes no later state).
+            replaced.stop()
+            n = new.adopt(replaced.take_pending())
+            if n:
+                log.info("VPG %s: %d records of the replaced stream go to %s:%d", vpg, n, *target)
+        if new is not None:
+            new.start()
 
     def unprotect(self, vpg: str):
+        """Stop streaming a VPG; release the records its sender still held.
+
+        Releasing them (their ring space freed, no bitmap bit set) loses nothing, because a
+        VPG is unprotected on a VRA only when
+        - it is no longer replicated from this site (pause, delete, a failover or move
+          stopping replication, a failed creation): whatever resumes replicating it (resume,
+          a rolled-back failover or move, reverse protection) runs a delta sync of all of its
+          disks, which compares the whole disks with the recovery side; or
+        - this VRA's host no longer runs a VM of it (its VMs moved away or left the VPG): a
+          VM leaves a host only after the host drained its stream (DETACH_VM, up to 10 s;
+          what is still unacknowledged then goes into the VM's dirty bitmap, which travels
+          with the VM), so what is left here is in a bitmap already or belongs to no VPG.
+        Records routed after this call go nowhere (the VPG has no sender), as before.
+        """
         with self.lock:
             self.vpgs.pop(vpg, None)
             self.vm_vpg = {u: v for u, v in self.vm_vpg.items() if v != vpg}
@@ -262,7 +366,9 @@ class ProtectedSide:
             if s:
                 self.restarts[vpg] = self.restarts.get(vpg, 0) + 1
         if s:
-            s.stop()
+            if not s.stop(release=True):
+                log.warning("VPG %s: its sender did not stop within 5 s; its records are released "
+                            "when it does", vpg)
 
     def _run(self):
         while not self._stop.is_set():
