@@ -48,6 +48,7 @@ log = logging.getLogger("tidemark.vra.checkpoint")
 RETRY_FIRST_S = 0.25          # first retry after an invalid checkpoint; doubles up to the interval
 TIMEOUT = (2.0, 5.0)          # (connect, read) seconds of a coordination call
 HOST_MAX_HOLD_MS = 1000       # a host holds at most this long whatever hold_ms asks
+MAX_PENDING_ABORTS = 8        # barrier aborts queued for the recovery VRA at most
 
 
 class Coordinator:
@@ -78,10 +79,20 @@ class Coordinator:
         self.failed_in_row = 0                   # invalid checkpoints since the last valid one
         self.last: dict | None = None
         self._sessions: dict[str, requests.Session] = {}                  # control URL -> keep-alive
-        for url in [*self.participants.values(), *([recovery_url] if recovery_url else [])]:
+        for url in self.participants.values():
             self._session(url)
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.participants)),
                                         thread_name_prefix=f"barrier-{vpg}")
+        # aborts of barriers at the recovery VRA, off the checkpoint path (own keep-alive session:
+        # a requests.Session is not shared between threads that use it at once)
+        self._abort_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"abort-{vpg}")
+        self._abort_session = requests.Session()
+        if recovery_url:
+            self._abort_session.headers["Authorization"] = \
+                f"Bearer {self.tokens.get(recovery_url, self.token)}"
+        self._lock_aborts = threading.Lock()
+        self._aborts_pending = 0
+        self.aborted = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -120,7 +131,7 @@ class Coordinator:
             names = sorted(self.participants)
             body = {"checkpoint": k, "participants": names, "hold_ms": hold_ms or self.hold_ms,
                     "hashes": hashes}
-            held, marked, valid, source_hashes, problems = [], [], True, {}, []
+            held, valid, source_hashes, problems = [], True, {}, []
             timing: dict = {"barrier_ms": {}, "host_barrier_ms": {}, "release_ms": {},
                             "host_release_ms": {}}
             hold_s = min(body["hold_ms"], HOST_MAX_HOLD_MS) / 1000
@@ -148,8 +159,6 @@ class Coordinator:
                     # (e.g. just restarted): this participant's stream has no cut.
                     valid = False
                     problems.append(f"{name}: no marker (VRA not attached to its host)")
-                else:
-                    marked.append(name)
                 source_hashes.update(out.get("hashes") or {})
                 if any(out.get("dirty", {}).values()):
                     valid = False
@@ -174,12 +183,12 @@ class Coordinator:
             timing["all_held_ms"] = round((t_held - t0) * 1000, 2)      # first barrier sent .. last answered
             timing["timer_covers"] = timer_covers
             timing["span_ms"] = round((t_end - t0) * 1000, 2)          # .. last release answered
-            if len(marked) < len(names) and self.recovery_url:
-                # Some participant wrote no marker: tell the recovery side not to wait for it.
-                try:
-                    self._post(self.recovery_url, f"/v1/recovery/vpgs/{self.vpg}/barriers/{k}/abort")
-                except requests.RequestException as exc:
-                    problems.append(f"abort of barrier {k} failed: {exc}")
+            if not valid and self.recovery_url:
+                # Some participant wrote no marker, or the cut is not consistent: tell the
+                # recovery side not to wait for barrier k (its streams would hold each other
+                # up for a cut that is no checkpoint). In the background: a slow recovery VRA
+                # must not delay the commit or the next checkpoint.
+                self._abort(k)
             info = {"valid": valid, "time": t_cut, "tag": tag}
             # A valid COMMIT follows the leader's own MARKER k in its stream (the commit waits
             # for it). An invalid one makes no checkpoint wherever it lands, so it does not wait:
@@ -193,6 +202,34 @@ class Coordinator:
             if problems:
                 log.info("VPG %s checkpoint %d not valid: %s", self.vpg, k, "; ".join(problems))
             return self.last
+
+    def _abort(self, k: int):
+        """Ask the recovery VRA to abandon barrier k, in the background (at most a few queued)."""
+        with self._lock_aborts:
+            if self._aborts_pending >= MAX_PENDING_ABORTS:
+                log.warning("VPG %s: barrier %d not aborted at the recovery VRA (%d aborts pending)",
+                            self.vpg, k, self._aborts_pending)
+                return
+            self._aborts_pending += 1
+
+        def run():
+            try:
+                url = self.recovery_url
+                r = self._abort_session.post(f"{url}/v1/recovery/vpgs/{self.vpg}/barriers/{k}/abort",
+                                             json={}, timeout=TIMEOUT)
+                r.raise_for_status()
+                self.aborted += 1
+            except requests.RequestException as exc:
+                log.warning("VPG %s: abort of barrier %d at the recovery VRA failed: %s",
+                            self.vpg, k, exc)
+            finally:
+                with self._lock_aborts:
+                    self._aborts_pending -= 1
+        try:
+            self._abort_pool.submit(run)
+        except RuntimeError:          # stopped
+            with self._lock_aborts:
+                self._aborts_pending -= 1
 
     def next_wait(self) -> float:
         """Seconds until the loop's next checkpoint: the interval, sooner after invalid ones."""
@@ -219,5 +256,7 @@ class Coordinator:
         if self._thread is not None:
             self._thread.join(10)
         self._pool.shutdown(wait=False)
+        self._abort_pool.shutdown(wait=False)
+        self._abort_session.close()
         for s in list(self._sessions.values()):
             s.close()

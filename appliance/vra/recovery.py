@@ -8,9 +8,15 @@ they are durable. The ordering rules (docs/FORMAT.md, "Replication"):
 
 - Records of one source keep their order.
 - A MARKER k is a checkpoint barrier: a source that reaches it waits until
-  every participant of barrier k has reached it too (or the barrier times out
-  and is abandoned), so every record before any marker k precedes the cut and
-  every record after follows it.
+  every participant of barrier k has reached it too, so every record before
+  any marker k precedes the cut and every record after follows it. The wait
+  ends without a cut (barrier k is abandoned) only when it cannot complete or
+  is not wanted: the leader aborted k (a participant wrote no marker, or the
+  checkpoint is invalid), a missing participant already passed k, every
+  missing participant is connected and sent nothing for ``BARRIER_TIMEOUT``,
+  or ``BARRIER_MAX_WAIT`` passed. A marker behind its participant's backlog,
+  or behind a broken connection, is waited for: the leader reported that
+  checkpoint valid, and it becomes recoverable.
 - COMMIT k, sent by the VPG's leader after all barriers were released in time,
   turns the cut into a checkpoint.
 - Writes of a VM that moved between hosts need no extra rule: the protected
@@ -22,6 +28,7 @@ durable for it, and it resends from there: no gap, no duplicate.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import socket
@@ -35,7 +42,9 @@ from appliance.dss import Checkpoint, Entry, Pos
 from . import wire
 
 log = logging.getLogger("tidemark.vra.recovery")
-BARRIER_TIMEOUT = 10.0
+BARRIER_TIMEOUT = 10.0          # a barrier none of whose missing participants progressed this long: abandoned
+BARRIER_MAX_WAIT = 120.0        # no barrier is waited for longer than this, progress or not
+BARRIERS_KEPT = 4096            # outcomes of settled (and leader-aborted) barriers remembered
 
 
 MAX_GROUP_BYTES = 16 << 20      # a source waits while this much is pending its group commit
@@ -58,6 +67,22 @@ class _Group:
         return bool(self.entries or self.checkpoints or self.progress)
 
 
+class _Barrier:
+    """One barrier k while sources wait at it. Waiters keep a reference: once settled (cut or
+    abandoned) it is out of ``VPGTarget.barriers``, and its outcome stays on the object, so a
+    waiter that wakes late cannot miss it (a COMMIT may already have consumed the cut)."""
+
+    __slots__ = ("k", "participants", "arrived", "started", "done", "cut")
+
+    def __init__(self, k: int, participants: set[str]):
+        self.k = k
+        self.participants = participants
+        self.arrived: set[str] = set()
+        self.started = time.monotonic()
+        self.done = False
+        self.cut: Pos | None = None
+
+
 class VPGTarget:
     """The merge state of one VPG on its recovery VRA, and its group commit.
 
@@ -78,9 +103,15 @@ class VPGTarget:
         self.progress: dict[str, int] = journal.progress(vpg)     # durable, per source
         self.accepted: dict[str, int] = dict(self.progress)       # in a group, per source
         self.group = _Group()
-        self.arrived: dict[int, set[str]] = {}     # barrier -> sources that reached it
-        self.cut: dict[int, Pos] = {}             # barrier -> position of the cut once complete
-        self.abandoned: set[int] = set()
+        self.barriers: dict[int, _Barrier] = {}   # barriers some source waits at
+        self.cut: dict[int, Pos] = {}             # barrier -> its cut, until its COMMIT comes
+        # barrier -> its cut, or None if abandoned; with barriers the leader aborted before any
+        # marker of them came (bounded: the oldest are forgotten)
+        self.settled: collections.OrderedDict[int, Pos | None] = collections.OrderedDict()
+        self.reached: dict[str, int] = {}         # participant (VRA name) -> highest marker it reached
+        self.active: dict[str, float] = {}        # participant -> last time a batch of it arrived
+        self.waiting: dict[str, int] = {}         # participant -> its threads waiting at a barrier
+        self.lost: list[int] = []                 # valid COMMITs whose barrier had been abandoned
         self.errors: list[str] = []
         self.links: dict[str, tuple] = {}         # source -> (ack(seq), drop()) of its connection
         self.appends = 0                          # journal appends (fsyncs) made
@@ -95,16 +126,19 @@ class VPGTarget:
         """The source's current connection: where its ACKs go, and how to drop it."""
         with self.lock:
             self.links[source] = (ack, drop)
+            self.active[_participant(source)] = time.monotonic()   # it resends from here
 
     def detach(self, source: str, ack) -> None:
         with self.lock:
             if self.links.get(source, (None,))[0] is ack:
                 del self.links[source]
 
-    def handle(self, source: str, recs: list[wire.Rec]) -> int:
+    def handle(self, source: str, recs: list[wire.Rec], ack=None) -> int:
         """Add a batch of a source to the pending group commit (after the barrier waits its
         markers need); the highest seq of the source accepted so far. The committer sends
-        the ACK once the group is durable."""
+        the ACK once the group is durable. ``ack``: the calling connection's (see ``attach``);
+        a connection the source has replaced stops at its next barrier."""
+        self.active[_participant(source)] = time.monotonic()    # progress, for barrier waits
         with self.lock:
             done = self.accepted.get(source, 0)
         recs = [r for r in recs if r.seq > done]           # a resend after reconnect
@@ -116,6 +150,10 @@ class VPGTarget:
                 self._add(source, run)
                 run = []
                 self._barrier(source, r)
+                if ack is not None and self.links.get(source, (None,))[0] is not ack:
+                    # the source reconnected while this (dead) connection waited: the new one
+                    # resends from what was accepted, so this one must add nothing more
+                    raise ConnectionError(f"source {source} is connected again elsewhere")
                 self._add(source, [r])                     # records the progress past the marker
             elif r.kind == wire.R_COMMIT:
                 self._add(source, run)
@@ -239,51 +277,113 @@ class VPGTarget:
 
     # -- barriers and checkpoints -------------------------------------------------------------
     def _barrier(self, source: str, r: wire.Rec):
+        """Wait at MARKER k until barrier k is settled: cut (every participant reached it) or
+        abandoned (docs/FORMAT.md, "Checkpoint coordination")."""
         info = json.loads(bytes(r.data))
         k, participants = int(info["checkpoint"]), set(info["participants"])
-        deadline = time.monotonic() + BARRIER_TIMEOUT
+        name = _participant(source)
         with self.cond:
-            if k in self.abandoned or k in self.cut:
+            self.reached[name] = max(self.reached.get(name, 0), k)
+            # A participant's markers come in barrier order, so it will never reach an open
+            # barrier below k that it has not reached: those cannot complete.
+            for j, b in list(self.barriers.items()):
+                if j < k and name in b.participants and name not in b.arrived:
+                    self._settle(b, None, f"{name} passed it")
+            if k in self.settled:
+                return                                    # cut or abandoned already
+            b = self.barriers.get(k)
+            if b is None:
+                b = self.barriers[k] = _Barrier(k, participants)
+            b.arrived.add(name)
+            if b.participants <= b.arrived:
+                self._settle(b, self.pos)
                 return
-            self.arrived.setdefault(k, set()).add(source.split("/")[0])
-            if participants <= self.arrived[k]:
-                self.cut[k] = self.pos
-                self.arrived.pop(k, None)
-                self.cond.notify_all()
+            passed = [p for p in b.participants - b.arrived if self.reached.get(p, 0) > k]
+            if passed:
+                self._settle(b, None, f"{', '.join(sorted(passed))} passed it")
                 return
-            while k not in self.cut and k not in self.abandoned:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning("VPG %s: barrier %d abandoned (waited for %s)", self.vpg, k,
-                                ", ".join(sorted(participants - self.arrived.get(k, set()))))
-                    self.abandoned.add(k)
-                    self.arrived.pop(k, None)
-                    self.cond.notify_all()
-                    return
-                self.cond.wait(left)
+            self.waiting[name] = self.waiting.get(name, 0) + 1
+            try:
+                while not b.done:
+                    now = time.monotonic()
+                    missing = b.participants - b.arrived
+                    if now - b.started >= BARRIER_MAX_WAIT:
+                        self._settle(b, None, f"waited {BARRIER_MAX_WAIT:.0f} s for "
+                                              f"{', '.join(sorted(missing))}")
+                        break
+                    connected = {_participant(src) for src in self.links}
+                    if not any(self._may_reach(p, b, now, connected) for p in missing):
+                        self._settle(b, None, f"no progress from {', '.join(sorted(missing))} "
+                                              f"for {BARRIER_TIMEOUT:.0f} s")
+                        break
+                    self.cond.wait(min(1.0, BARRIER_TIMEOUT / 4))
+            finally:
+                self.waiting[name] -= 1
 
-    def abort(self, k: int):
-        """The leader knows barrier k cannot complete (a participant failed): stop waiting for it."""
+    def _may_reach(self, p: str, b: _Barrier, now: float, connected: set[str]) -> bool:
+        """Whether missing participant ``p`` may still reach barrier ``b``: it sent a batch in the
+        last BARRIER_TIMEOUT (its marker may be behind a backlog), it waits at a barrier itself
+        (that wait ends by these same rules), or it is not connected (it resends what was not
+        durable when it connects again). Connected and silent, it has nothing more to send: its
+        marker is not coming (its stream lost it, e.g. a new epoch after a restart)."""
+        return (bool(self.waiting.get(p)) or p not in connected
+                or now - max(self.active.get(p, 0.0), b.started) < BARRIER_TIMEOUT)
+
+    def _settle(self, b: _Barrier, cut: Pos | None, why: str = ""):
+        """Barrier ``b`` is done (lock held): its cut, or None when it is abandoned."""
+        b.done, b.cut = True, cut
+        self.barriers.pop(b.k, None)
+        self._remember(b.k, cut)
+        if cut is not None:
+            self.cut[b.k] = cut
+        else:
+            log.warning("VPG %s: barrier %d abandoned (%s)", self.vpg, b.k, why)
+        self.cond.notify_all()
+
+    def _remember(self, k: int, cut: Pos | None):
+        self.settled[k] = cut
+        while len(self.settled) > BARRIERS_KEPT:
+            self.settled.popitem(last=False)
+
+    def abort(self, k: int, why: str = "aborted by the leader"):
+        """Barrier k is not wanted (the leader: a participant wrote no marker, or the checkpoint
+        is invalid): stop waiting for it, and do not wait at markers of it still to come."""
         with self.cond:
-            if k not in self.cut:
-                self.abandoned.add(k)
-                self.arrived.pop(k, None)
-                self.cond.notify_all()
+            b = self.barriers.get(k)
+            if b is not None:
+                self._settle(b, None, why)
+            elif k not in self.settled:
+                self._remember(k, None)
 
     def _commit(self, source: str, r: wire.Rec):
         info = json.loads(bytes(r.data))
         k = int(info["checkpoint"])
+        valid = bool(info.get("valid", True))
         with self.cond:
             cut = self.cut.pop(k, None)
-            for old in [x for x in self.cut if x < k]:
+            for old in [x for x in self.cut if x < k]:   # COMMITs come in barrier order
                 self.cut.pop(old)
-            self.abandoned = {x for x in self.abandoned if x >= k}   # barriers only grow
+            if valid and cut is None:
+                # Only when a participant's marker cannot come (its stream lost it: a new epoch,
+                # or no progress for BARRIER_TIMEOUT) or after BARRIER_MAX_WAIT.
+                log.error("VPG %s: checkpoint %d is valid at the leader but barrier %d was %s: "
+                          "it is not recoverable", self.vpg, k, k,
+                          "abandoned" if k in self.settled else "not complete")
+                self.lost.append(k)
+                del self.lost[:-100]
+        if not valid:
+            self.abort(k, "its checkpoint is invalid")
         cp = None
-        if cut is not None and info.get("valid", True):
+        if cut is not None and valid:
             # The cut's entries are in this group or an earlier one: groups are appended in order.
             # A cut at lsn 0 (nothing journaled yet) is a checkpoint of the replicas as they are.
             cp = Checkpoint(k, cut, float(info["time"]), info.get("tag"))
         self._add(source, [r], cp)
+
+
+def _participant(source: str) -> str:
+    """The participant (VRA name) of a source ``<vra name>/<epoch>``."""
+    return source.split("/")[0]
 
 
 def _call(fn, *args):
@@ -381,7 +481,7 @@ class Receiver:
                 ftype, payload = wire.recv(conn, copy=False)
                 if ftype != wire.BATCH:
                     raise wire.WireError(f"unexpected frame type {ftype} in a stream")
-                target.handle(source, wire.unpack_batch(payload))   # ACKed by the committer
+                target.handle(source, wire.unpack_batch(payload), ack)   # ACKed by the committer
         except (ConnectionError, OSError) as exc:
             log.info("source %s disconnected: %s", source, exc)
         except wire.WireError as exc:
