@@ -22,10 +22,10 @@ entry afterwards.
 from __future__ import annotations
 
 import struct
+from itertools import compress
 
 import numpy as np
 from rocksdict import ReadOptions
-from xxhash import xxh3_64_intdigest as _xxh3
 
 from appliance import kernels
 from appliance.extents import file_hashes, index_runs, mask_runs
@@ -68,7 +68,9 @@ def _hashes_at(j, v, d, offset: int, length: int, nb: int, pos: Pos):
     first = offset >> _SHIFT
     hashes = np.zeros(nb, dtype=np.uint64)
     hole = np.zeros(nb, dtype=bool)
-    # 1. the index (a snapshot as of now): per block, its newest version at or before pos
+    # 1. the index (a snapshot as of now): per block, its newest version at or before pos.
+    # Python touches each record once to collect it, then only C-level loops (map, join,
+    # compress): parsing and checking are NumPy and the checksum kernel over all at once.
     ro = ReadOptions()
     ro.set_iterate_upper_bound(d.prefix + _Q.pack(first + nb))
     keys, vals = [], []
@@ -79,10 +81,12 @@ def _hashes_at(j, v, d, offset: int, length: int, nb: int, pos: Pos):
     from_replica = np.ones(nb, dtype=bool)
     slow = []                                         # blocks read through the reader
     if keys:
-        if any(len(k) != K.INDEX_KEY_SIZE for k in keys):
+        n = len(keys)
+        if set(map(len, keys)) != {K.INDEX_KEY_SIZE}:
             bad = next(k for k in keys if len(k) != K.INDEX_KEY_SIZE)
             raise JournalCorrupt(f"index key {bad.hex()}", v.name, "a key of the wrong length")
-        ka = np.frombuffer(b"".join(keys), dtype=_KEY)
+        kraw = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(n, K.INDEX_KEY_SIZE)
+        ka = kraw.view(_KEY)[:, 0]
         blocks = ka["block"].astype(np.int64)
         gen, lsn = ka["gen"], ka["lsn"]
         at = (gen < pos.generation) | ((gen == pos.generation) & (lsn <= pos.lsn))
@@ -91,25 +95,15 @@ def _hashes_at(j, v, d, offset: int, length: int, nb: int, pos: Pos):
             b_at = blocks[idx]
             newest = idx[np.append(b_at[1:] != b_at[:-1], True)]     # keys sort by block, pos
             from_replica[blocks[newest] - first] = False
-            sel_vals = [vals[i] for i in newest.tolist()]
-            sel_keys = [keys[i] for i in newest.tolist()]
-            sizes = np.fromiter(map(len, sel_vals), dtype=np.int64, count=len(sel_vals))
-            if not np.isin(sizes, (12, 20)).all():
-                i = int(np.flatnonzero(~np.isin(sizes, (12, 20)))[0])
-                raise JournalCorrupt(_index_name(sel_keys[i], d), v.name,
-                                     f"index record of {int(sizes[i])} bytes")
-            _verify(sel_keys, sel_vals, v, d)
-            hashed = sizes == 20
-            if hashed.any():
-                hv = np.frombuffer(b"".join(x for x, h in zip(sel_vals, hashed.tolist()) if h),
-                                   dtype=_HASHED)
-                if not ((hv["start"] == 0) & (hv["end"] == _BLOCK)).all():
-                    i = int(np.flatnonzero(hashed)[np.flatnonzero((hv["start"] != 0) |
-                                                                  (hv["end"] != _BLOCK))[0]])
-                    raise JournalCorrupt(_index_name(sel_keys[i], d), v.name,
+            hashed = _verified(kraw, vals, newest, v, d)
+            sel = newest[hashed.mask]
+            if sel.size:
+                if not ((hashed.start == 0) & (hashed.end == _BLOCK)).all():
+                    i = int(sel[np.flatnonzero((hashed.start != 0) | (hashed.end != _BLOCK))[0]])
+                    raise JournalCorrupt(_index_name(keys[i], d), v.name,
                                          "a block hash on a record of part of its block")
-                hashes[blocks[newest[hashed]] - first] = hv["hash"]
-            slow = (blocks[newest[~hashed]] - first).tolist()   # ascending, as the keys
+                hashes[blocks[sel] - first] = hashed.hash
+            slow = (blocks[newest[~hashed.mask]] - first).tolist()   # ascending, as the keys
     if length % _BLOCK and not from_replica[-1] and (not slow or slow[-1] != nb - 1):
         slow.append(nb - 1)      # the range ends inside that block: hashed zero-padded, as read
     # 2. blocks no entry at or before pos touches: the replica's bytes (holes: zero blocks)
@@ -125,11 +119,50 @@ def _hashes_at(j, v, d, offset: int, length: int, nb: int, pos: Pos):
     return hashes, hole
 
 
-def _verify(keys, vals, v, d) -> None:
-    """Every record's checksum (its first 8 bytes: XXH3 of the key and the rest)."""
-    got = np.fromiter((_xxh3(k + val[8:]) for k, val in zip(keys, vals)), dtype=np.uint64,
-                      count=len(keys))
-    checks = np.frombuffer(b"".join(val[:8] for val in vals), dtype="<u8")
-    if not np.array_equal(got, checks):
-        i = int(np.flatnonzero(got != checks)[0])
-        raise JournalCorrupt(_index_name(keys[i], d), v.name, "index record checksum mismatch")
+class _Hashed:
+    """The hashed records among the selected ones: ``mask`` (per selected record: 20 bytes,
+    carries a hash), and for those ``start``, ``end``, ``hash``."""
+    __slots__ = ("mask", "start", "end", "hash")
+
+
+def _verified(kraw: np.ndarray, vals, sel: np.ndarray, v, d) -> _Hashed:
+    """Check the records ``sel`` (indices into ``kraw``, the keys as rows, and ``vals``): each
+    value 12 or 20 bytes and its checksum (its first 8 bytes: XXH3 of the key and the rest,
+    ``kernels.xxh3_rows`` over all of them at once)."""
+    n = kraw.shape[0]
+    sizes = set(map(len, vals))
+    out = _Hashed()
+    if sizes == {_HASHED.itemsize}:                   # the usual case: every record hashed
+        groups = {_HASHED.itemsize: (np.arange(n), np.frombuffer(b"".join(vals), dtype=np.uint8))}
+        is20 = np.ones(sel.size, dtype=bool)
+    else:
+        size = np.fromiter(map(len, vals), dtype=np.int64, count=n)
+        if not np.isin(size[sel], (12, 20)).all():
+            i = int(sel[np.flatnonzero(~np.isin(size[sel], (12, 20)))[0]])
+            raise JournalCorrupt(_index_name(bytes(kraw[i]), d), v.name,
+                                 f"index record of {int(size[i])} bytes")
+        groups = {}
+        for w in (12, 20):
+            m = size == w
+            if m.any():
+                groups[w] = (np.cumsum(m) - 1,
+                             np.frombuffer(b"".join(compress(vals, m.tolist())), dtype=np.uint8))
+        is20 = size[sel] == 20
+    for w, (row, raw) in groups.items():
+        pick = sel[is20] if w == 20 else sel[~is20]
+        if not pick.size:
+            continue
+        recs = raw.reshape(-1, w)[row[pick]]
+        got = kernels.xxh3_rows(np.concatenate((kraw[pick], recs[:, 8:]), axis=1))
+        checks = np.ascontiguousarray(recs[:, :8]).view("<u8")[:, 0]
+        if not np.array_equal(got, checks):
+            i = int(pick[np.flatnonzero(got != checks)[0]])
+            raise JournalCorrupt(_index_name(bytes(kraw[i]), d), v.name, "index record checksum mismatch")
+        if w == 20:
+            hv = np.ascontiguousarray(recs).view(_HASHED)[:, 0]
+            out.start, out.end, out.hash = hv["start"], hv["end"], hv["hash"]
+    out.mask = is20
+    if not is20.any():
+        out.start = out.end = np.zeros(0, dtype=np.uint16)
+        out.hash = np.zeros(0, dtype=np.uint64)
+    return out

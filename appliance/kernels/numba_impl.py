@@ -190,6 +190,82 @@ def compare_hashes(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _compare(a, b)
 
 
+# -- record checksums (XXH3-64, seed 0, of 17 to 128 bytes) --------------------------
+# XXH3's default secret, the first 128 of its 192 bytes (all that inputs of up to 128 bytes use),
+# as 16 little-endian words
+_XXH3_SECRET = np.frombuffer(bytes([
+    0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
+    0xde, 0xd4, 0x6d, 0xe9, 0x83, 0x90, 0x97, 0xdb, 0x72, 0x40, 0xa4, 0xa4, 0xb7, 0xb3, 0x67, 0x1f,
+    0xcb, 0x79, 0xe6, 0x4e, 0xcc, 0xc0, 0xe5, 0x78, 0x82, 0x5a, 0xd0, 0x7d, 0xcc, 0xff, 0x72, 0x21,
+    0xb8, 0x08, 0x46, 0x74, 0xf7, 0x43, 0x24, 0x8e, 0xe0, 0x35, 0x90, 0xe6, 0x81, 0x3a, 0x26, 0x4c,
+    0x3c, 0x28, 0x52, 0xbb, 0x91, 0xc3, 0x00, 0xcb, 0x88, 0xd0, 0x65, 0x8b, 0x1b, 0x53, 0x2e, 0xa3,
+    0x71, 0x64, 0x48, 0x97, 0xa2, 0x0d, 0xf9, 0x4e, 0x38, 0x19, 0xef, 0x46, 0xa9, 0xde, 0xac, 0xd8,
+    0xa8, 0xfa, 0x76, 0x3f, 0xe3, 0x9c, 0x34, 0x3f, 0xf9, 0xdc, 0xbb, 0xc7, 0xc7, 0x0b, 0x4f, 0x1d,
+    0x8a, 0x51, 0xe0, 0x4b, 0xcd, 0xb4, 0x59, 0x31, 0xc8, 0x9f, 0x7e, 0xc9, 0xd9, 0x78, 0x73, 0x64,
+]), dtype="<u8").astype(np.uint64)
+_M32 = U64(0xFFFFFFFF)
+_X3_AVALANCHE = U64(0x165667919E3779F9)
+XXH3_MIN, XXH3_MAX = 17, 128           # the input lengths _xxh3_rows handles
+
+
+@_jit
+def _rd64(rows, i, o):
+    """The little-endian uint64 at rows[i, o:o + 8]."""
+    x = ZERO
+    for k in range(7, -1, -1):
+        x = (x << U64(8)) | U64(rows[i, o + k])
+    return x
+
+
+@_jit
+def _mul_fold64(a, b):
+    """The 128-bit product of a and b, its low and high halves xor-ed (XXH3's mul128_fold64)."""
+    a_lo = a & _M32
+    a_hi = a >> U64(32)
+    b_lo = b & _M32
+    b_hi = b >> U64(32)
+    lo_lo = a_lo * b_lo
+    hi_lo = a_hi * b_lo
+    lo_hi = a_lo * b_hi
+    hi_hi = a_hi * b_hi
+    cross = (lo_lo >> U64(32)) + (hi_lo & _M32) + lo_hi
+    upper = (hi_lo >> U64(32)) + (cross >> U64(32)) + hi_hi
+    lower = (cross << U64(32)) | (lo_lo & _M32)
+    return lower ^ upper
+
+
+@_jit
+def _mix16(rows, i, o, s):
+    return _mul_fold64(_rd64(rows, i, o) ^ _XXH3_SECRET[s], _rd64(rows, i, o + 8) ^ _XXH3_SECRET[s + 1])
+
+
+@_jit
+def _xxh3_rows(rows, out):
+    """out[i] = XXH3-64 (seed 0) of rows[i] (17 to 128 bytes: XXH3_len_17to128_64b)."""
+    n = rows.shape[1]
+    for i in range(rows.shape[0]):
+        acc = U64(n) * P1
+        if n > 32:
+            if n > 64:
+                if n > 96:
+                    acc += _mix16(rows, i, 48, 12) + _mix16(rows, i, n - 64, 14)
+                acc += _mix16(rows, i, 32, 8) + _mix16(rows, i, n - 48, 10)
+            acc += _mix16(rows, i, 16, 4) + _mix16(rows, i, n - 32, 6)
+        acc += _mix16(rows, i, 0, 0) + _mix16(rows, i, n - 16, 2)
+        acc = acc ^ (acc >> U64(37))
+        acc = acc * _X3_AVALANCHE
+        out[i] = acc ^ (acc >> U64(32))
+
+
+def xxh3_rows(rows: np.ndarray) -> np.ndarray:
+    if not XXH3_MIN <= rows.shape[1] <= XXH3_MAX:
+        from .reference import xxh3_rows as ref
+        return ref(rows)                   # other lengths: the library, row by row
+    out = np.empty(rows.shape[0], dtype=np.uint64)
+    _xxh3_rows(rows, out)
+    return out
+
+
 # -- bitmaps --------------------------------------------------------------------------
 @_jit
 def _set_bits(bitmap, first, count):

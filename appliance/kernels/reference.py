@@ -117,3 +117,10 @@ def bitmap_runs(bitmap: np.ndarray, nblocks: int) -> np.ndarray:
     runs[:, 0] = starts
     runs[:, 1] = ends - starts
     return runs
+
+
+# -- record checksums (XXH3-64, seed 0) --------------------------------------------------
+def xxh3_rows(rows: np.ndarray) -> np.ndarray:
+    """XXH3-64 (seed 0) of each row of a 2-D uint8 array: the ``xxhash`` library's, row by row."""
+    from xxhash import xxh3_64_intdigest
+    return np.fromiter((xxh3_64_intdigest(r.tobytes()) for r in rows), dtype=np.uint64, count=rows.shape[0])

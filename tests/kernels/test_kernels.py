@@ -183,6 +183,25 @@ def test_argument_checks():
 
 
 # -- bitmaps ----------------------------------------------------------------------------------
+def test_xxh3_rows_match_the_xxhash_library():
+    """Record checksums: XXH3-64 seed 0 of each row, every width (compiled for 17..128 bytes)."""
+    g = rng(7)
+    for width in list(range(0, 140)) + [240, 241, 1000]:
+        rows = g.integers(0, 256, (9, width), dtype=np.uint8)
+        want = [xxhash.xxh3_64_intdigest(r.tobytes()) for r in rows]
+        assert [int(x) for x in K.xxh3_rows(rows)] == want, width
+        assert [int(x) for x in R.xxh3_rows(rows)] == want, width
+    # a non-contiguous view (columns of a wider array), and no rows
+    wide = g.integers(0, 256, (50, 80), dtype=np.uint8)
+    assert [int(x) for x in K.xxh3_rows(wide[:, 10:64])] == \
+        [xxhash.xxh3_64_intdigest(r.tobytes()) for r in wide[:, 10:64]]
+    assert K.xxh3_rows(np.zeros((0, 54), dtype=np.uint8)).shape == (0,)
+    with pytest.raises(TypeError):
+        K.xxh3_rows(np.zeros(54, dtype=np.uint8))
+    with pytest.raises(TypeError):
+        K.xxh3_rows(np.zeros((2, 54), dtype=np.int64))
+
+
 def oracle_scan(bitmap: bytes, nblocks: int) -> list[int]:
     return [b for b in range(nblocks) if bitmap[b >> 3] >> (b & 7) & 1]
 
