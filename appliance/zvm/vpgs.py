@@ -366,7 +366,13 @@ class Vpgs:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoints(self, vpg: dict) -> list[dict]:
-        """Recoverable checkpoints ``{id, time, tag}``, oldest first, from the recovery VRA."""
+        """Recoverable checkpoints ``{id, time, tag}``, oldest first, from the recovery VRA.
+
+        None for a Recovered VPG (a Failover or Move committed without reverse protection):
+        its journal was committed into the recovered VMs' disks and dropped, so no history is
+        left to recover from, at either site (and neither asks the other or a VRA)."""
+        if vpg["state"]["status"] == RECOVERED:
+            return []
         if vpg["role"] == "recovery":
             return self.vra_call(self.recovery_vra(vpg), "GET",
                                  f"/v1/recovery/vpgs/{vpg['identifier']}/checkpoints") or []
