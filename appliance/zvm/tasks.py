@@ -68,7 +68,17 @@ class Operation:
         return self.task["params"]
 
     def save(self) -> None:
-        self.tasks.save(self.task)
+        t = self.task
+        if t.get("state") == WAITING:
+            # saved while waiting (a ``poll`` of wait_for): a signal stored since this task read
+            # its document must survive the save
+            with self.tasks.store.transaction():
+                stored = self.tasks.store.get("tasks", t["identifier"])
+                if stored and stored.get("signal"):
+                    t["signal"] = stored["signal"]
+                self.tasks.save(t)
+            return
+        self.tasks.save(t)
 
     def note(self, text: str) -> None:
         """Add a line to the current step's record (reports show it)."""
@@ -76,15 +86,18 @@ class Operation:
         self.save()
 
     def wait_for(self, signals: tuple[str, ...], timeout_s: float | None,
-                 default: str | None = None) -> tuple[str, dict]:
+                 default: str | None = None, poll=None, poll_s: float = 1.0) -> tuple[str, dict]:
         """Wait for the user: a signal (``Tasks.signal``) or, after ``timeout_s``, ``default``.
-        The deadline is persisted, so a restart keeps waiting for the same time."""
+        The deadline is persisted, so a restart keeps waiting for the same time. ``poll()``, if
+        given, runs every ``poll_s`` seconds meanwhile (work the operation can do while it
+        waits) until it returns True; an exception of it is logged and it runs again later."""
         t = self.task
         if t.get("deadline") is None and timeout_s is not None:
             t["deadline"] = time.time() + timeout_s
         t["waitingFor"] = list(signals)
         t["state"] = WAITING
         self.save()
+        next_poll = time.monotonic() if poll else None
         try:
             while True:
                 doc = self.tasks.store.get("tasks", t["identifier"])
@@ -93,6 +106,14 @@ class Operation:
                     return sig["name"], sig.get("params", {})
                 if t.get("deadline") is not None and time.time() >= t["deadline"] and default:
                     return default, {}
+                if next_poll is not None and time.monotonic() >= next_poll:
+                    try:
+                        done = poll()
+                    except ZVMError as exc:
+                        log.warning("task %s: while waiting: %s", t["identifier"], exc)
+                        done = False
+                    next_poll = None if done else time.monotonic() + poll_s
+                    continue          # a signal may have come while it ran
                 if self.tasks.stopping.wait(0.2):
                     raise _Shutdown()
         finally:

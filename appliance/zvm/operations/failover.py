@@ -94,9 +94,52 @@ class LiveRecovery(ReverseSteps, RecoveryOp):
         except Unavailable as exc:
             if self.type == "Move":
                 raise
+            self.data["sourceUnreachable"] = True
             self.note(f"the protected site does not answer ({exc}): its VRAs cannot stream now")
         self.data["replicationStopped"] = True
         self.save()
+
+    def source_reachable(self) -> bool:
+        """Whether the peer monitor sees the protected site (no call made when it does not)."""
+        sites = self.zvm.services.get("sites")
+        try:
+            return sites is None or bool(sites.peer(self.vpg()["protectedSiteIdentifier"]).get(
+                "reachable", True))
+        except NotFound:
+            return False
+
+    def catch_up_source(self) -> bool:
+        """The protected site answers again (it was down when the failover began): do there
+        what the failover could not. The VPG's status, then replication off (the source VMs'
+        writes since the checkpoint do not count), then the shutdown policy's power-off of
+        the source VMs (restarted with their hosts, next to the recovered ones); those it
+        powers off are powered on again by a rollback. True when done or nothing is to do,
+        False while the site does not answer. Runs in the task's thread: while waiting for
+        the commit (``wait_for`` poll), and before finishing a commit."""
+        if not self.data.get("sourceUnreachable") or self.data.get("sourceCaughtUp"):
+            return True
+        if not self.source_reachable():
+            return False
+        st = self.vpg()["state"]
+        try:
+            self.source("state", {"status": st["status"], "substatus": st["substatus"],
+                                  "activeProcess": st.get("activeProcess")})
+            self.source("stop")
+            done = ["the VPG's status", "replication off"]
+            policy = self.shutdown_policy()
+            if policy and "poweredOff" not in self.data:
+                ans = self.source("shutdown", {"force": policy == 2, "vms": self.rec["vms"] or None})
+                self.data["poweredOff"] = ans.get("poweredOff") or []
+                done.append("source VMs shut down: " + (", ".join(ans.get("names") or [])
+                                                        or "none was running"))
+        except Unavailable:
+            return False
+        except (Conflict, NotFound) as exc:   # not protected from there any more (changed there)
+            done = [f"it took nothing: {exc}"]
+        self.data["sourceCaughtUp"] = True
+        self.save()
+        self.note("the protected site answers again: " + "; ".join(done))
+        return True
 
     def step_open_images(self):
         self.open_images()
@@ -119,7 +162,7 @@ class LiveRecovery(ReverseSteps, RecoveryOp):
             policy, timeout = self.commit_policy()
             default = {0: "rollback", 1: "commit"}.get(policy)
             name, sig = self.wait_for(("commit", "rollback"), float(timeout or 0) if default else None,
-                                      default)
+                                      default, poll=self.catch_up_source)
             self.data["decision"] = decision = name
             for k in ("reverseProtection", "keepSourceVms"):
                 if sig.get(k) is not None:
@@ -177,6 +220,7 @@ class LiveRecovery(ReverseSteps, RecoveryOp):
             pass
         delete = self.type == "Move" and not self.data.get("keepSourceVms")
         try:
+            self.catch_up_source()        # back since the wait for the commit ended
             self.source("recovered", {"deleteSourceVms": delete})
         except Unavailable as exc:
             # the protected site is down (a failover without it): tell it when it is back, or
