@@ -1,8 +1,10 @@
 """append(): the journal's write path (docs/FORMAT.md, "Journal (DSS)", "Append and durability").
 
-Validate the whole batch first (nothing is written if any of it is refused), then build one
-WriteBatch (entry records, one index record per 4 KiB block, checkpoints, progress, the new state
-record) and write it with the WAL fsynced (``Journal._write``) before returning. The index
+Validate the whole batch first (nothing is written if any of it is refused), then append the
+entries' data to the VPG's segment file and fdatasync it (``segments.py``; both release the
+GIL), then build one WriteBatch (entry records referencing that data, one index record per
+4 KiB block, checkpoints, progress, the new state record) and write it with the WAL fsynced
+(``Journal._write``) before returning. The index
 record of a block the entry writes whole carries the block's hash (``kernels.block_hashes``), so
 delta sync learns the image's hashes from the index without reading entries (``hashes.py``).
 """
@@ -17,7 +19,7 @@ from appliance.kernels import block_hashes
 
 from . import keys as K
 from . import records as R
-from .errors import DuplicateEntry, InvalidAppend, StreamGap
+from .errors import DSSError, DuplicateEntry, InvalidAppend, StreamGap
 from .pos import Checkpoint, Entry, Pos
 from .state import VpgState, entry_cost
 
@@ -67,6 +69,8 @@ def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], 
             if cp.pos < floor:
                 raise InvalidAppend(v.name, f"checkpoint {cp.id} at {cp.pos} is before the recoverable "
                                          f"history, which starts at {floor}")
+        j._check_writable()
+        refs = iter(_write_data(j, v, entries))
         wb = WriteBatch(raw_mode=True)
         put, ecf, icf = wb.put, j._entries_cf, j._index_cf
         vpg_id = v.id
@@ -75,10 +79,13 @@ def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], 
             gen, lsn = e.pos.generation, e.pos.lsn
             ekey = _ENTRY_KEY.pack(vpg_id, gen, lsn)
             data, off = e.data, e.offset
-            put(ekey, R.encode_entry(ekey, d.vmb, e.disk, off, data, now), ecf)
             added += entry_cost(len(data), off)
             if not data:
+                put(ekey, R.encode_entry(ekey, d.vmb, e.disk, off, data, now), ecf)
                 continue
+            seq, at = next(refs)
+            put(ekey, R.encode_entry_ref(ekey, d.vmb, e.disk, off, len(data), now, seq, at, _xxh3(data)),
+                ecf)
             # one index record per 4 KiB block written: [start, end) of the block
             end = off + len(data)
             first, last = off >> K.BLOCK_SHIFT, (end - 1) >> K.BLOCK_SHIFT
@@ -117,3 +124,20 @@ def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], 
         v.entries += len(entries)
         v.nbytes += added
         return prev
+
+
+def _write_data(j, v: VpgState, entries: list[Entry]) -> list[tuple[int, int]]:
+    """Append the batch's data to the VPG's segment, durable when the journal syncs: (segment,
+    offset) of each non-empty entry. A failed write references nothing and the next append
+    writes the same place again; a failed fdatasync poisons the journal like a failed WAL sync
+    (what the file holds is unknown)."""
+    datas = [e.data for e in entries if e.data]
+    if not datas:
+        return []
+    try:
+        return v.segs.write(datas)
+    except OSError as exc:
+        if getattr(exc, "fsync", False):
+            j._failed = exc
+        raise DSSError(f"append to VPG {v.name}: cannot write the entries' data to "
+                       f"{v.segs.dir}: {exc}") from exc

@@ -2,7 +2,7 @@
 
 * the VPG, state, disk and checkpoint records pass their checksums; checkpoints lie between the
   recoverable floor and the durable position;
-* every entry passes its checksum, lies after the promoted position and at or before the
+* every entry passes its checksum, its data (inline, or in a segment file) passes its own, lies after the promoted position and at or before the
   durable one, follows its predecessor (lsn + 1, or lsn 1 of a newer generation), writes a
   registered disk within its capacity, and has one matching index record per block it writes;
 * every index record passes its checksum and points at an entry that writes that block range;
@@ -43,8 +43,10 @@ def check(j, v: VpgState) -> list[str]:
         _, pos = K.parse_entry_key(key)
         entries += 1
         try:
-            vmb, disk, offset, length, _, _ = R.decode_entry(key, it.value())
-        except R.RecordError as exc:
+            vmb, disk, offset, length, _, src = R.decode_entry(key, it.value())
+            if isinstance(src, R.SegmentRef) and v.segs.read(src[0], src[1], length, src[2]) is None:
+                raise R.RecordError(f"its segment {src[0]} was dropped")
+        except (R.RecordError, ValueError, OSError) as exc:
             bad(f"entry {pos}: {exc}")
             nbytes = None                       # a corrupt entry's size is unknown: counters not compared
             prev = pos
@@ -105,16 +107,18 @@ def check(j, v: VpgState) -> list[str]:
             bad(f"{name}: its entry is missing")
         else:
             try:
-                evm, edisk, offset, length, _, mv = R.decode_entry(ekey, raw)
-            except R.RecordError:
+                evm, edisk, offset, length, _, data = R.decode_entry(ekey, raw)
+                if isinstance(data, R.SegmentRef) and h is not None:
+                    data = v.segs.read(data[0], data[1], length, data[2])
+            except (R.RecordError, ValueError, OSError):
                 pass                    # reported with the entries
             else:
                 base = block << K.BLOCK_SHIFT
                 if (evm, edisk) != (vmb, disk) or base + s < offset or base + e > offset + length or s >= e:
                     bad(f"{name}: bytes [{s}, {e}) do not match its entry")
-                elif h is not None:
-                    at = R.ENTRY_HEADER_SIZE + base - offset
-                    if int(block_hashes(mv[at:at + K.BLOCK], K.BLOCK)[0]) != h:
+                elif h is not None and data is not None:
+                    at = base - offset
+                    if int(block_hashes(memoryview(data)[at:at + K.BLOCK], K.BLOCK)[0]) != h:
                         bad(f"{name}: its block hash does not match its entry's data")
         it.next()
     return problems

@@ -184,6 +184,7 @@ class RecoveryImage:
                     j._write(wb, f"commit of an image of VPG {v.name} at {pos}")
                     v.sealed, v.durable, v.promoted, v.promoting = sealed, at, at, at
                     v.entries = v.nbytes = 0
+                    v.segs.drop_all()
                     v.pins.floor = pos
                 self._copy_overlay()
             self._release(delete=True)

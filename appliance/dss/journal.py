@@ -5,9 +5,10 @@ per 4 KiB block, plus checkpoints (consistent cuts). Layout and ordering rules: 
 "Journal (DSS)". In short:
 
 * ``append`` validates a batch (positions strictly after ``durable_pos``, lsn contiguous within a
-  generation, a new generation starts at lsn 1), then writes entries, index records, checkpoints
-  and the VPG's new state record as ONE WriteBatch with the WAL fsynced (``sync=True``) before it
-  returns (``append.py``). The caller acknowledges the sender only after that. A refused batch writes nothing.
+  generation, a new generation starts at lsn 1), appends the entries' data to the VPG's segment
+  file and fdatasyncs it (``segments.py``), then writes entry records (referencing that data),
+  index records, checkpoints and the VPG's new state record as ONE WriteBatch with the WAL
+  fsynced before it returns (``append.py``). The caller acknowledges the sender only after that. A refused batch writes nothing.
 * An image at position P = replica files + entries <= P (``read``). Entries older than the
   history window are promoted into the replica files (``promote``): replica writes, replica
   fsync, then one batch deletes them and records the promoted position. Before the replicas are
@@ -40,6 +41,7 @@ from . import promotion as _promotion
 from . import reader as _reader
 from . import records as R
 from . import store
+from .segments import Segments
 from .errors import DSSError, JournalCorrupt, UnknownDisk, UnknownVPG
 from .pos import ZERO, Checkpoint, Entry, Pos
 from .settings import JournalSettings
@@ -60,6 +62,7 @@ class Journal:
         self._entries = self._db.get_column_family(store.ENTRIES_CF)
         self._index = self._db.get_column_family(store.INDEX_CF)
         self._entries_cf = self._db.get_column_family_handle(store.ENTRIES_CF)
+        self._seg_root = os.path.join(path, "segments")
         self._index_cf = self._db.get_column_family_handle(store.INDEX_CF)
         self._wopt = store.write_options(False)      # durability: see _write
         self._lock = threading.Lock()          # the VPG registry and the format record
@@ -100,6 +103,8 @@ class Journal:
                 "state record", name, R.decode_state, skey, self._db.get(skey))
             v = VpgState(name, vpg_id, JournalSettings.from_dict(settings), sealed, durable, promoted,
                          promoting, entries, nbytes)
+            v.segs = Segments(self._seg_root, vpg_id, self.sync)
+            self._recover_segments(v)
             lo, hi = K.disk_key_range(vpg_id)
             it = self._db.iter()
             it.seek(lo)
@@ -120,6 +125,27 @@ class Journal:
             del it
             self._vpgs[name] = v
 
+    def _recover_segments(self, v: VpgState) -> None:
+        """Open the VPG's entry data segments, cutting what no durable entry references
+        (segments.py): the oldest and the newest live entry say which segments are live."""
+        lo, hi = K.vpg_key_range(v.id)
+        first = last = None
+        it = self._entries.iter()
+        try:
+            it.seek(K.format_entry_key(v.id, _after(v.promoted)))
+            if it.valid() and it.key() < hi:
+                src = R.decode_entry(it.key(), it.value())[5]
+                first = src[0] if isinstance(src, R.SegmentRef) else None
+                it.seek_for_prev(hi)
+                _, _, _, length, _, src = R.decode_entry(it.key(), it.value())
+                last = (src[0], src[1] + length) if isinstance(src, R.SegmentRef) else None
+        except R.RecordError:
+            del it
+            v.segs.keep_all()           # check() names the corrupt record; nothing is deleted
+            return
+        del it
+        v.segs.recover(first, last)
+
     def close(self) -> None:
         """Close replica files and the database. Safe to call twice."""
         with self._lock:
@@ -128,6 +154,7 @@ class Journal:
             self._closed = True
             for v in self._vpgs.values():
                 v.close_disks()
+                v.segs.close()
             self._vpgs = {}
             del self._entries_cf, self._index_cf
             self._entries.close()
@@ -152,6 +179,8 @@ class Journal:
                 exists = False
                 vpg_id = self._next_id
                 v = VpgState(vpg, vpg_id, replace(settings))
+                v.segs = Segments(self._seg_root, vpg_id, self.sync)
+                v.segs.recover(None, None)          # leftovers of a deleted VPG of that id: none
                 os.makedirs(settings.replica_dir, exist_ok=True)
                 wb = self._batch_put(None, K.format_vpg_key(vpg),
                                      R.encode_vpg(K.format_vpg_key(vpg), vpg_id, settings.to_dict()))
@@ -199,6 +228,7 @@ class Journal:
             with self._lock:
                 del self._vpgs[vpg]
             v.close_disks()
+            v.segs.remove()
             v.pins.floor = K.MAX_POS
         if not keep_replicas:
             for d in v.disks.values():
@@ -333,6 +363,17 @@ class Journal:
         span = (last.time - first.time) if first and last else 0.0     # recoverable history
         return {"bytes": v.nbytes, "entries": v.entries, "oldest_time": oldest, "newest_time": newest,
                 "history_s_actual": span, "promoted_pos": v.promoted, "durable_pos": v.durable}
+
+    def _entry_data(self, v: VpgState, pos: Pos, length: int, src):
+        """The data of an entry from ``R.decode_entry``: a bytes-like object, verified; None if
+        its segment was dropped since (the entry was promoted: start over). JournalCorrupt if
+        the data is missing or does not match its checksum."""
+        if not isinstance(src, R.SegmentRef):
+            return src
+        try:
+            return v.segs.read(src[0], src[1], length, src[2])
+        except (ValueError, OSError) as exc:
+            raise JournalCorrupt(f"entry {pos}", v.name, exc) from None
 
     def _entry_time(self, v: VpgState, key: bytes, value: bytes) -> float:
         return self._decode(f"entry {K.parse_entry_key(key)[1]}", v.name, R.decode_entry, key, value)[4]

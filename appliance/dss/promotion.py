@@ -97,7 +97,7 @@ def _collect(j, v: VpgState, keep_going, upto: Pos | None):
         if upto is not None and pos > upto:
             return step, True, None
         try:
-            vmb, disk, offset, length, t, mv = R.decode_entry(key, it.value())
+            vmb, disk, offset, length, t, src = R.decode_entry(key, it.value())
         except R.RecordError as exc:
             return step, True, JournalCorrupt(f"entry {pos}", v.name, f"{exc}; promotion stopped before it")
         cost = entry_cost(length, offset)
@@ -107,7 +107,15 @@ def _collect(j, v: VpgState, keep_going, upto: Pos | None):
         if d is None:
             raise DSSError(f"entry {pos} of VPG {v.name} writes disk {disk} of VM {K.parse_vm(vmb)}, "
                            "which is not registered: run check()")
-        step.append((pos, key, d, offset, length, mv, cost))
+        data = src
+        if isinstance(src, R.SegmentRef):
+            try:
+                data = v.segs.read(src[0], src[1], length, src[2])
+            except (ValueError, OSError) as exc:
+                return step, True, JournalCorrupt(f"entry {pos}", v.name, f"{exc}; promotion stopped before it")
+            if data is None:    # only promotion drops segments, and it holds promote_lock
+                raise DSSError(f"entry {pos} of VPG {v.name}: its segment was dropped while it is live")
+        step.append((pos, key, d, offset, length, data, cost))
         nbytes += length
         if len(step) >= STEP_ENTRIES or nbytes >= STEP_BYTES:
             return step, False, None
@@ -129,8 +137,7 @@ def _apply(j, v: VpgState, step: list) -> int:
         v.promoting = target
     # 3. the replicas
     touched = {}
-    for _, _, d, offset, length, mv, _ in step:
-        data = mv[R.ENTRY_HEADER_SIZE:]
+    for _, _, d, offset, length, data, _ in step:
         done = 0
         while done < length:
             done += os.pwrite(d.fd, data[done:], offset + done)
@@ -156,7 +163,27 @@ def _apply(j, v: VpgState, step: list) -> int:
         v.promoted = target
         v.entries -= len(step)
         v.nbytes -= freed
+    _drop_segments(j, v, target)
     return len(step)
+
+
+def _drop_segments(j, v: VpgState, target: Pos) -> None:
+    """Unlink the segments that hold only entries up to ``target`` (now deleted, durably): all
+    before the segment of the oldest entry left, or all but the active one if none is left."""
+    hi = K.vpg_key_range(v.id)[1]
+    it = j._entries.iter()
+    it.seek(K.format_entry_key(v.id, _after(target)))
+    keep = None
+    if it.valid() and it.key() < hi:
+        try:
+            src = R.decode_entry(it.key(), it.value())[5]
+        except R.RecordError:
+            return                      # promotion stops there next time; keep everything
+        if not isinstance(src, R.SegmentRef):
+            return                      # an inline entry (format version 2): no segment before it
+        keep = src[0]
+    del it
+    v.segs.drop_before(keep)
 
 
 def _after(p: Pos | None) -> Pos:

@@ -37,7 +37,6 @@ _INDEX_TAIL = struct.Struct(">QIQ")
 _Q = struct.Struct(">Q")
 _POS_TAIL = struct.Struct(">IQ")
 _INDEX_VALUE = R.INDEX_VALUE
-_HEAD = R.ENTRY_HEADER_SIZE
 _BLOCK = K.BLOCK
 _SHIFT = K.BLOCK_SHIFT
 
@@ -198,13 +197,17 @@ def _read_once(index, entries, v: VpgState, d: DiskInfo, offset: int, length: in
         if raw is None:
             return None                                 # promoted since step 1: start over
         try:
-            _, _, eoff, elen, _, mv = R.decode_entry(ekey, raw)
-        except R.RecordError as exc:
+            _, _, eoff, elen, _, data = R.decode_entry(ekey, raw)
+            if isinstance(data, R.SegmentRef):
+                data = v.segs.read(data[0], data[1], elen, data[2])
+                if data is None:
+                    return None                         # promoted since step 1: start over
+        except (R.RecordError, ValueError, OSError) as exc:
             raise JournalCorrupt(f"entry {K.parse_entry_key(ekey)[1]}", v.name, exc) from None
         for a, b, k in spans[ekey]:
             if a < eoff or b > eoff + elen:
                 raise JournalCorrupt(_index_name(k, d), v.name, "index record does not match its entry")
-            buf[a - offset:b - offset] = mv[_HEAD + a - eoff:_HEAD + b - eoff]
+            buf[a - offset:b - offset] = data[a - eoff:b - eoff]
     return bytes(buf)
 
 

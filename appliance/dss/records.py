@@ -16,12 +16,15 @@ from .pos import Pos
 
 VERSION = 1                 # of each record layout that carries a version field
 FORMAT_MAGIC = b"TDMDSS01"
-FORMAT_VERSION = 2          # of the journal as a whole (the format record): 2 adds block hashes
-FORMAT_VERSIONS_READ = (1, 2)   # to index records; a version 1 journal opens and is upgraded
+FORMAT_VERSION = 3          # of the journal as a whole (the format record): 2 adds block hashes
+FORMAT_VERSIONS_READ = (1, 2, 3)    # to index records, 3 entry data in segment files; older
+                                    # journals open, are upgraded, and their records stay readable
 
 _CHECK = struct.Struct("<Q")
 # checksum, version, flags, disk, length, offset, time, vm
 ENTRY_HEADER = struct.Struct("<QBBHIQd16s")
+# after the header of an entry with FLAG_SEGMENT: segment, reserved, offset in it, XXH3-64 of the data
+ENTRY_REF = struct.Struct("<IIQQ")
 # checksum, start, end: the bytes [start, end) of the 4 KiB block that the entry writes
 INDEX_VALUE = struct.Struct("<QHH")
 # the same, then the block's hash (kernels.block_hashes, HASH_VERSION 1) when the entry writes
@@ -37,12 +40,22 @@ DISK_VALUE = struct.Struct("<QB7xQ")
 VPG_VALUE = struct.Struct("<QB3xI")
 # checksum, magic, version, next vpg id
 FORMAT_VALUE = struct.Struct("<Q8sII")
-assert ENTRY_HEADER.size == 48 and INDEX_VALUE.size == 12 and CHECKPOINT_VALUE.size == 20
+assert ENTRY_HEADER.size == 48 and ENTRY_REF.size == 24 and INDEX_VALUE.size == 12 and CHECKPOINT_VALUE.size == 20
 assert INDEX_HASHED.size == 20
 assert STATE_VALUE.size == 68 and DISK_VALUE.size == 24 and VPG_VALUE.size == 16 and FORMAT_VALUE.size == 24
 
 ENTRY_HEADER_SIZE = ENTRY_HEADER.size
-FLAG_TAGGED = 1
+ENTRY_REF_SIZE = ENTRY_HEADER.size + ENTRY_REF.size
+FLAG_TAGGED = 1             # checkpoint flags
+FLAG_SEGMENT = 1            # entry flags: the data is in a segment file (format version 3)
+
+
+class SegmentRef(tuple):
+    """Where an entry's data is: ``(segment, offset, XXH3-64 of the data)``."""
+    __slots__ = ()
+
+    def __new__(cls, seq: int, offset: int, digest: int):
+        return tuple.__new__(cls, (seq, offset, digest))
 
 
 class RecordError(ValueError):
@@ -76,18 +89,34 @@ def unseal(key: bytes, value: bytes | None, size: int = 8) -> memoryview:
 
 # -- entries ----------------------------------------------------------------------------
 def encode_entry(key: bytes, vm: bytes, disk: int, offset: int, data, time: float) -> bytes:
+    """An entry with its data inline (format versions 1 and 2; still written for empty entries)."""
     head = ENTRY_HEADER.pack(0, VERSION, 0, disk, len(data), offset, time, vm)
     c = checksum(key, memoryview(head)[8:], data)
     return b"".join((_CHECK.pack(c), head[8:], data))
 
 
+def encode_entry_ref(key: bytes, vm: bytes, disk: int, offset: int, length: int, time: float,
+                     seq: int, seg_offset: int, digest: int) -> bytes:
+    """An entry whose ``length`` bytes of data are at ``seg_offset`` of segment ``seq``."""
+    head = ENTRY_HEADER.pack(0, VERSION, FLAG_SEGMENT, disk, length, offset, time, vm)
+    return seal(key, head[8:] + ENTRY_REF.pack(seq, 0, seg_offset, digest))
+
+
 def decode_entry(key: bytes, value: bytes | None):
-    """-> (vm, disk, offset, length, time, memoryview of the whole value); data at ENTRY_HEADER_SIZE."""
+    """-> (vm, disk, offset, length, time, data): ``data`` a memoryview of the inline data, or a
+    ``SegmentRef`` (read it with ``Journal._entry_data``)."""
     mv = unseal(key, value, ENTRY_HEADER_SIZE)
-    _, version, _, disk, length, offset, time, vm = ENTRY_HEADER.unpack_from(value)
-    if version != VERSION or len(value) != ENTRY_HEADER_SIZE + length:
-        raise RecordError(f"version {version}, length {length} of {len(value)} bytes")
-    return vm, disk, offset, length, time, mv
+    _, version, flags, disk, length, offset, time, vm = ENTRY_HEADER.unpack_from(value)
+    if version != VERSION:
+        raise RecordError(f"version {version}")
+    if flags & FLAG_SEGMENT:
+        if len(value) != ENTRY_REF_SIZE:
+            raise RecordError(f"a segment reference of {len(value)} bytes")
+        seq, _, seg_offset, digest = ENTRY_REF.unpack_from(value, ENTRY_HEADER_SIZE)
+        return vm, disk, offset, length, time, SegmentRef(seq, seg_offset, digest)
+    if len(value) != ENTRY_HEADER_SIZE + length:
+        raise RecordError(f"length {length} of {len(value)} bytes")
+    return vm, disk, offset, length, time, mv[ENTRY_HEADER_SIZE:]
 
 
 def peek_entry_time(value: bytes) -> float:

@@ -129,6 +129,7 @@ class VpgState:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     promote_lock: threading.Lock = field(default_factory=threading.Lock)
     pins: Pins = None
+    segs: object = None                 # segments.Segments: the entries' data
 
     def __post_init__(self):
         self.pins = Pins(self.name, self.floor())

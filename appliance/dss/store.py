@@ -9,7 +9,7 @@ from rocksdict import (BlockBasedOptions, Cache, DBCompactionStyle, DBCompressio
 
 MiB = 1 << 20
 
-ENTRIES_CF = "entries"   # one record per replicated write (header + data), keyed by VPG and position
+ENTRIES_CF = "entries"   # one record per replicated write (header + where its data is), by VPG and position
 INDEX_CF = "index"       # one small record per (VPG, VM, disk, 4 KiB block, position)
 
 
@@ -48,7 +48,8 @@ def open_db(path: str) -> tuple[Rdict, Cache]:
     main.set_wal_bytes_per_sync(0)
     main.set_keep_log_file_num(4)
     cfs = {
-        # Values are 48 bytes + data: 16 KiB blocks keep small writes from straddling blocks.
+        # Values are 72 bytes (48 + data in format 2 journals): 16 KiB blocks keep old inline
+        # entries from straddling blocks.
         ENTRIES_CF: _common(128 * MiB, cache, bloom=True, block_size=16 * 1024),
         # 54-byte records: the whole index of a large journal stays in the block cache.
         INDEX_CF: _common(64 * MiB, cache, bloom=False, block_size=4096),

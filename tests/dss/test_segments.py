@@ -1,0 +1,218 @@
+"""Entry data segments (format version 3): data outside RocksDB, its checksum, crash leftovers,
+unlinking after promotion, and journals of format version 2 (data inline) opening and mixing."""
+import os
+import random
+
+import pytest
+
+import appliance.dss.segments as S
+from appliance.dss import DSSError, Journal, JournalCorrupt
+from appliance.dss import keys as K
+from appliance.dss import records as R
+
+from .conftest import DISKS, T0, VPG, Model, make_journal, make_workload, read_disks, run_workload
+
+
+def seg_files(j: Journal) -> list[str]:
+    d = j._vpg(VPG).segs.dir
+    return sorted(n for n in os.listdir(d) if n.endswith(S.SUFFIX)) if os.path.isdir(d) else []
+
+
+def entry_ref(j: Journal, pos) -> R.SegmentRef:
+    key = K.format_entry_key(j._vpg(VPG).id, pos)
+    return R.decode_entry(key, j._entries[key])[5]
+
+
+def assert_images(j: Journal, model: Model, cps=None) -> None:
+    for cp in (cps if cps is not None else j.checkpoints(VPG)):
+        want = model.disks_at(cp.pos)
+        assert read_disks(j, cp) == {k: bytes(v) for k, v in want.items()}, cp
+
+
+def test_entry_data_lives_in_segment_files(tmp_path):
+    rng = random.Random(41)
+    model = Model()
+    j = make_journal(tmp_path / "db", tmp_path / "rep", sync=True)
+    try:
+        run_workload(j, model, rng, 120)
+        # RocksDB holds 72-byte references; the data is in the segment, fsynced
+        sizes = {len(v) for v in j._entries.values()}
+        assert sizes == {R.ENTRY_REF_SIZE}
+        assert seg_files(j) and j._vpg(VPG).segs.nbytes() == sum(len(e.data) for e in model.log)
+        assert oct(os.stat(os.path.join(j._vpg(VPG).segs.dir, seg_files(j)[0])).st_mode & 0o777) == "0o600"
+        assert_images(j, model, rng.sample(model.checkpoints, 8))
+        assert j.check(VPG) == []
+    finally:
+        j.close()
+
+
+def test_a_damaged_segment_byte_is_reported_never_served(tmp_path):
+    rng = random.Random(42)
+    model = Model()
+    j = make_journal(tmp_path / "db", tmp_path / "rep")
+    run_workload(j, model, rng, 60)
+    victim = next(e for e in model.log[20:] if len(e.data) > 100)
+    seq, off, _ = entry_ref(j, victim.pos)
+    path = os.path.join(j._vpg(VPG).segs.dir, f"{seq:010d}{S.SUFFIX}")
+    with open(path, "r+b") as f:
+        f.seek(off + 50)
+        b = f.read(1)
+        f.seek(off + 50)
+        f.write(bytes([b[0] ^ 0x10]))
+    with pytest.raises(JournalCorrupt) as exc:
+        j.read(VPG, victim.vm, victim.disk, victim.offset, len(victim.data), victim.pos)
+    assert str(victim.pos) in str(exc.value) and "checksum" in str(exc.value)
+    problems = j.check(VPG)
+    assert len(problems) >= 1 and all(str(victim.pos) in p for p in problems)
+    # promotion stops in front of it: the replicas hold exactly the entries before it
+    with pytest.raises(JournalCorrupt):
+        j.promote(VPG, now=1e12)
+    before = model.log[model.log.index(victim) - 1].pos
+    at = model.disks_at(before)
+    for vm, disk in DISKS:
+        assert (tmp_path / "rep" / vm / f"disk{disk}.img").read_bytes() == at[(vm, disk)]
+    # a missing segment file is corruption too, not "promoted": it fails instead of retrying
+    j.close()
+    os.unlink(path)
+    j = Journal(str(tmp_path / "db"))
+    try:
+        with pytest.raises(JournalCorrupt):
+            j.read(VPG, victim.vm, victim.disk, victim.offset, len(victim.data), victim.pos)
+    finally:
+        j.close()
+
+
+def test_data_of_a_batch_that_never_committed_is_cut_on_open(tmp_path, monkeypatch):
+    rng = random.Random(43)
+    model = Model()
+    j = make_journal(tmp_path / "db", tmp_path / "rep", sync=True)
+    run_workload(j, model, rng, 40)
+    durable = j.durable_pos(VPG)
+    size = j._vpg(VPG).segs.nbytes()
+    # the data of the next batch reaches the segment, then the RocksDB write fails (a crash)
+    extra = Model()
+    batches = make_workload(extra, rng, 5, first_lsn=durable.lsn + 1)
+    real = Journal._write
+
+    def failing(self, wb, step):
+        if step.startswith("append"):
+            raise DSSError("simulated crash before the batch")
+        return real(self, wb, step)
+
+    monkeypatch.setattr(Journal, "_write", failing)
+    with pytest.raises(DSSError):
+        j.append(VPG, *batches[0][:2], time=batches[0][2])
+    monkeypatch.setattr(Journal, "_write", real)
+    assert j._vpg(VPG).segs.nbytes() > size
+    # and a segment file a crash left behind after the last referenced one
+    stray = os.path.join(j._vpg(VPG).segs.dir, f"{999:010d}{S.SUFFIX}")
+    with open(stray, "wb") as f:
+        f.write(b"x" * 5000)
+    j.close()
+    j = Journal(str(tmp_path / "db"))
+    try:
+        assert j.durable_pos(VPG) == durable
+        assert j._vpg(VPG).segs.nbytes() == size and not os.path.exists(stray)
+        assert j.check(VPG) == []
+        # the same batch goes again, to the same place, and everything reads back
+        for batch, cps, t in batches:
+            j.append(VPG, batch, [], time=t)
+        model.log.extend(e for b, _, _ in batches for e in b)
+        last = model.log[-1].pos
+        assert read_disks(j, last) == {k: bytes(v) for k, v in model.disks_at(last).items()}
+        assert j.check(VPG) == []
+    finally:
+        j.close()
+
+
+def test_promotion_unlinks_segments_it_emptied(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "SEGMENT_BYTES", 256 << 10)
+    rng = random.Random(44)
+    model = Model()
+    j = make_journal(tmp_path / "db", tmp_path / "rep", history_s=3600)
+    try:
+        run_workload(j, model, rng, 300)
+        files = seg_files(j)
+        assert len(files) > 4
+        half = model.times[len(model.times) // 2]
+        j.promote(VPG, now=half + 3600)
+        oldest = next(e for e in model.log if e.pos > j._vpg(VPG).promoted)
+        first_live = entry_ref(j, oldest.pos)[0]
+        left = seg_files(j)
+        assert left and all(int(n[:-4]) >= first_live for n in left) and len(left) < len(files)
+        assert_images(j, model)
+        assert j.check(VPG) == []
+        j.close()
+        j = Journal(str(tmp_path / "db"))                  # reopen: nothing live was lost
+        assert_images(j, model)
+        j.promote(VPG, now=T0 + 1e6)                      # everything: only the active one is left
+        assert len(seg_files(j)) == 1 and j.check(VPG) == []
+        run_workload(j, model, rng, 50)                    # appends carry on in it
+        assert_images(j, model)
+        assert j.check(VPG) == []
+    finally:
+        j.close()
+
+
+def test_image_commit_and_delete_drop_the_segments(tmp_path):
+    rng = random.Random(45)
+    model = Model()
+    j = make_journal(tmp_path / "db", tmp_path / "rep")
+    try:
+        run_workload(j, model, rng, 60)
+        cp = model.checkpoints[-1]
+        vm, disk = DISKS[0]
+        img = j.image(VPG, vm, disk, cp, str(tmp_path / "scratch"))
+        img.commit()
+        assert seg_files(j) == []
+        run_workload(j, model, rng, 20, generation=cp.pos.generation + 1)
+        assert seg_files(j) and j.check(VPG) == []
+        segdir = j._vpg(VPG).segs.dir
+        j.delete_vpg(VPG, keep_replicas=False)
+        assert not os.path.exists(segdir)
+    finally:
+        j.close()
+
+
+def _to_format_2(j: Journal) -> int:
+    """Rewrite every entry with its data inline, drop the segment files, format record 2."""
+    v = j._vpg(VPG)
+    n = 0
+    for key, value in list(j._entries.items()):
+        vmb, disk, offset, length, t, src = R.decode_entry(key, value)
+        if isinstance(src, R.SegmentRef):
+            data = v.segs.read(src[0], src[1], length, src[2])
+            j._entries[key] = R.encode_entry(key, vmb, disk, offset, data, t)
+            n += 1
+    v.segs.drop_all()
+    fmt = R.FORMAT_VALUE.pack(0, R.FORMAT_MAGIC, 2, j._next_id)[8:]
+    j._db.put(K.FORMAT_KEY, R.seal(K.FORMAT_KEY, fmt))
+    return n
+
+
+def test_a_format_2_journal_opens_and_its_inline_entries_mix_with_segments(tmp_path):
+    rng = random.Random(46)
+    model = Model()
+    j = make_journal(tmp_path / "db", tmp_path / "rep")
+    run_workload(j, model, rng, 80)
+    assert _to_format_2(j) > 0
+    j.close()
+    j = Journal(str(tmp_path / "db"))
+    try:
+        assert R.decode_format(K.FORMAT_KEY, j._db.get(K.FORMAT_KEY))[1] == R.FORMAT_VERSION
+        assert seg_files(j) == []
+        assert_images(j, model)
+        run_workload(j, model, rng, 80)                    # new entries: in segments
+        assert seg_files(j) and j.check(VPG) == []
+        j.close()
+        j = Journal(str(tmp_path / "db"))                  # both kinds live: nothing cut
+        assert_images(j, model)
+        j.promote(VPG, now=model.times[100] + j.settings(VPG).history_s)
+        assert_images(j, model)
+        j.promote(VPG, now=1e12)
+        assert j.check(VPG) == []
+        at = model.disks_at(model.log[-1].pos)
+        for vm, disk in DISKS:
+            assert (tmp_path / "rep" / vm / f"disk{disk}.img").read_bytes() == at[(vm, disk)]
+    finally:
+        j.close()
