@@ -56,7 +56,8 @@ class Sender:
                  compress: bool = True, tls: ssl.SSLContext | None = None, on_done=None,
                  throttle: Throttle | None = None, priority: str = "Medium"):
         self.vpg, self.source, self.target, self.token = vpg, source, tuple(target), token
-        self.compress, self.tls, self.on_done = compress, tls, on_done
+        self.tls, self.on_done = tls, on_done
+        self.compress = wire.Compression() if compress else False    # lz4 where it pays
         self.throttle, self.weight = throttle, PRIORITY_WEIGHTS[priority]
         self.cond = threading.Condition()
         self.queue: collections.deque = collections.deque()    # (Rec, Token) not sent yet
@@ -328,7 +329,9 @@ class ProtectedSide:
                 self.vm_vpg[uuidlib.UUID(u).bytes] = vpg
             if vpg in self.senders:
                 s = self.senders[vpg]
-                s.weight, s.compress = PRIORITY_WEIGHTS[priority], compress
+                s.weight = PRIORITY_WEIGHTS[priority]
+                if bool(compress) != bool(s.compress):
+                    s.compress = wire.Compression() if compress else False
             else:   # started below, once it holds what a replaced sender did not deliver
                 new = Sender(vpg, self.source_for(vpg), target, token, compress, self.tls, self._advance,
                              self.throttle, priority)

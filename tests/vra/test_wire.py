@@ -36,6 +36,28 @@ def test_compression_is_used_when_it_helps():
     assert len(frame[1]) == 1 << 20
 
 
+def test_adaptive_compression_pauses_on_incompressible_data_and_comes_back():
+    import os
+    c = wire.Compression()
+    noise, zeros = os.urandom(64 << 10), bytes(64 << 10)
+    for i in range(40):                         # incompressible: lz4 runs ever more rarely
+        head, payload = wire.encode(wire.BATCH, noise, c)
+        assert bytes(payload) == noise and not head[6] & wire.F_LZ4
+    assert c.tried <= 6 and c.skipped == 40 - c.tried
+    a, b = pair()                               # a raw frame from it reads back as it was
+    wire.send(a, wire.encode(wire.BATCH, noise, c))
+    assert wire.recv(b)[1] == noise
+    while c._skip:                              # the pause ends; compressible data is compressed
+        wire.encode(wire.BATCH, zeros, c)
+    head, payload = wire.encode(wire.BATCH, zeros, c)
+    assert head[6] & wire.F_LZ4 and len(payload) < 1000
+    for _ in range(5):                          # and stays so
+        head, payload = wire.encode(wire.BATCH, zeros, c)
+        assert head[6] & wire.F_LZ4
+    wire.send(a, [head, payload])
+    assert wire.recv(b)[1] == zeros
+
+
 @pytest.mark.parametrize("where", [0, 5, 9, 17, 30, 500])
 def test_any_flipped_byte_is_detected(where):
     a, b = pair()
