@@ -249,6 +249,22 @@ class Rig:
                                 "mix": {"random": 1.0}, "seed": 100 + i}
             self.lab.workload(v["name"], body)
 
+    def cpu_roles(self) -> dict:
+        """{role: [psutil.Process]}: the processes of the rig by what they do, for CPU figures."""
+        import psutil
+        roles = {"recovery VRA": [], "protected VRAs": [], "hosts": [], "sites and WAN link": []}
+        lab_dir = str(self.lab.dir) if hasattr(self.lab, "dir") else ""
+        for v in self.vras:
+            try:
+                roles["recovery VRA" if v is self.rec else "protected VRAs"].append(psutil.Process(v.proc.pid))
+            except psutil.NoSuchProcess:
+                pass
+        for p in psutil.process_iter(["cmdline"]):
+            c = " ".join(p.info["cmdline"] or [])
+            if lab_dir and lab_dir in c:
+                roles["hosts" if "simulator.host" in c else "sites and WAN link"].append(p)
+        return roles
+
     def journal_bytes(self) -> int:
         return int(self.rec.call("GET", f"/v1/recovery/vpgs/{VPG}/usage")["bytes"])
 
@@ -343,25 +359,47 @@ def measure_sustained(rig: Rig, vms, rates, warm_s: float, window_s: float, say)
             say("  (the previous step's backlog did not clear within 60 s: stopping)")
             break
         bw0 = rig.bitmap_writes()
+        roles = rig.cpu_roles()
         rig.workloads(vms, "start", mbps=rate / len(vms))
         try:
             time.sleep(warm_s)
             m0, b0, t0 = rig.mirrored_bytes(), rig.journal_bytes(), time.monotonic()
+            c0 = _cpu(roles)
             time.sleep(window_s)
             m1, b1, t1 = rig.mirrored_bytes(), rig.journal_bytes(), time.monotonic()
+            c1 = _cpu(roles)
         finally:
             rig.workloads(vms, "stop")
         bw = rig.bitmap_writes() - bw0
         wrote, durable = (m1 - m0) / (t1 - t0) / 1e6, (b1 - b0) / (t1 - t0) / 1e6
         kept = bw == 0 and durable >= 0.95 * wrote
+        cpu = {r: round((c1[r] - c0[r]) / (t1 - t0) * 100, 1) for r in c0}
         steps.append({"offered_mbps": rate, "written_mbps": wrote, "durable_mbps": durable,
-                      "bitmap_writes": bw, "kept_up": kept})
+                      "bitmap_writes": bw, "kept_up": kept, "cpu_percent": cpu})
         say(f"    offered {rate:6.1f} MB/s: guests wrote {wrote:6.1f}, durable {durable:6.1f} MB/s, "
             f"{bw} writes to bitmaps: {'kept up' if kept else 'fell behind'}")
+        say("      CPU % of one core: " + ", ".join(f"{r} {c:.0f}" for r, c in cpu.items()) +
+            f"; all {sum(cpu.values()):.0f} of {os.cpu_count() * 100}")
         if not kept:
             break
         best = max(best, durable)
     return best, steps
+
+
+def _cpu(roles: dict) -> dict:
+    """CPU seconds (user + system) used so far by each role's processes."""
+    import psutil
+    out = {}
+    for role, procs in roles.items():
+        t = 0.0
+        for p in procs:
+            try:
+                c = p.cpu_times()
+                t += c.user + c.system
+            except psutil.NoSuchProcess:
+                pass
+        out[role] = t
+    return out
 
 
 def measure_rpo(rig: Rig, warm_s: float, window_s: float) -> tuple[list[float], dict]:
