@@ -64,7 +64,7 @@ class VpgMonitor:
     def sync(self) -> dict[str, tuple[int, int]]:
         """One pass over this site's protected VPGs; their (status, substatus). A VPG recovered
         here while its protected site was down tells that site once it answers again
-        (``operations.failover.tell_protected_site``)."""
+        (``operations.source.tell_protected_site``)."""
         out = {}
         for vpg in self.vpgs.list():
             if vpg.get("_sourcePending"):
@@ -80,7 +80,7 @@ class VpgMonitor:
     def _tell_source(self, vpg: dict) -> None:
         """Tell the VPG's protected site about a failover it missed, in a thread of its own (its
         calls may take a while: power-offs there), one at a time per VPG."""
-        from .operations.failover import tell_protected_site
+        from .operations.source import tell_protected_site
         vid = vpg["identifier"]
         with self._lock:
             if vid in self._telling:

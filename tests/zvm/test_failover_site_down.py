@@ -6,7 +6,7 @@ the VMs run at site-b with the source disks as that checkpoint had them, and the
 reverse protection) leaves the VPG Recovered at site-b.
 
 Then site-a comes back (hosts, VRAs and VMs restart, its ZVM starts again): nothing breaks. The
-alert clears; site-b tells site-a what it missed (operations.failover.tell_protected_site): the
+alert clears; site-b tells site-a what it missed (operations.source.tell_protected_site): the
 VPG is Recovered there too, replication stays off (its VRAs, restarted with their saved
 protection, no longer stream the VPG), the source VMs its hosts restarted are shut down as the
 failover's shutdown policy asked; the recovered VMs at site-b run on, their disks unchanged.

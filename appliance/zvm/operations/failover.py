@@ -1,7 +1,7 @@
 """Live Failover (and the steps Move shares): recovered VMs from the recovery VRA's images at a
 checkpoint, then the commit policy. Runs as a task of the RECOVERY site's ZVM (forward.py gets
 the request there); the protected site is called through ``/v1/internal/vpgs/{id}/source/...``
-(``SourceSide`` below, routes in routes/failover.py).
+(``source.SourceSide``, routes in routes/failover.py).
 
 ``Failover`` (class docstring) and ``Move`` (move.py) are persisted state machines; each step is
 idempotent (it checks what is done already, ids are saved as soon as something exists), so a
@@ -13,18 +13,16 @@ import logging
 import time
 
 from ..errors import Conflict, NotFound, Unavailable, ZVMError
-from ..hypervisor.errors import NotFound as HvNotFound
 from ..recovery import RecoveryOp
 from ..tasks import ROLLBACK, operation
 from ..vpgs import (FAILING_OVER, MEETING_SLA, MOVING, RECOVERED, SUB_FO_BEFORE_COMMIT,
                     SUB_FO_COMMITTING, SUB_FO_ROLLING_BACK, SUB_NONE)
 from .reverse import ReverseSteps
+from .source import RESUME_CALL_S, SOURCE_CALL_S
 
 log = logging.getLogger("tidemark.zvm.failover")
 
 COMMIT_WAIT_S = 600           # the VRA's image commit (promotion up to the checkpoint)
-SOURCE_CALL_S = 120           # shutdowns, checkpoints at the protected site
-RESUME_CALL_S = 3600          # replication resumed there (a delta sync)
 
 
 class LiveRecovery(ReverseSteps, RecoveryOp):
@@ -263,16 +261,35 @@ class LiveRecovery(ReverseSteps, RecoveryOp):
     def undo_restart_sources(self):
         if self.data.get("committing") or not self.data.get("poweredOff"):
             return
-        self.source("poweron", {"vms": self.data["poweredOff"]})
-        self.note(f"source VMs powered on again: {len(self.data['poweredOff'])}")
+        try:
+            self.source("poweron", {"vms": self.data["poweredOff"]})
+            self.note(f"source VMs powered on again: {len(self.data['poweredOff'])}")
+        except Unavailable as exc:
+            self._leave_to_source(exc, powerOn=self.data["poweredOff"])
         self.data["poweredOff"] = []
         self.save()
 
     def undo_resume_replication(self):
         if self.data.get("committing"):
             return
-        ans = self.source("resume", {}, timeout=RESUME_CALL_S)
+        try:
+            ans = self.source("resume", {}, timeout=RESUME_CALL_S)
+        except Unavailable as exc:
+            self._leave_to_source(exc, resume=True)
+            return
         self.note(f"replication resumed: delta sync {ans.get('blocks_differing')} blocks differed")
+
+    def _leave_to_source(self, exc: Exception, **what) -> None:
+        """A rollback step the protected site cannot take now (it is down): the rollback goes
+        on here, and the site is told when it answers again (``tell_protected_site``)."""
+        with self.vpgs.update(self.vpg_id) as d:
+            pending = d.get("_sourcePending") or {"task": self.task["identifier"], "rollback": True,
+                                                  "since": time.time()}
+            pending.update(what)
+            d["_sourcePending"] = pending
+        self.note(f"the protected site does not answer ({exc}): it is told when it answers again ("
+                  + ", ".join({"powerOn": "the source VMs powered on again",
+                               "resume": "replication resumed with a delta sync"}[k] for k in what) + ")")
 
     def undo_unmark(self):
         if not self.data.get("committing"):
@@ -327,164 +344,6 @@ class Failover(LiveRecovery):
              "reverse_target", "reverse_protect", "reverse_sync", "reverse_checkpoint", "done")
     rollback_steps = ("rolling_back", "delete_vms", "discard_images", "restart_sources",
                       "resume_replication", "unmark")
-
-
-# ------------------------------------------------------------------ the protected site's part
-class SourceSide:
-    """What a live recovery asks of the VPG's protected site (``/v1/internal/vpgs/{id}/source``)."""
-
-    def __init__(self, zvm):
-        self.zvm = zvm
-
-    @property
-    def vpgs(self):
-        return self.zvm.services["vpgs"]
-
-    def _vpg(self, vpg_id: str) -> dict:
-        vpg = self.vpgs.get(vpg_id)
-        if vpg["role"] != "protected":
-            raise Conflict(f"VPG {vpg['name']} is not protected from this site")
-        return vpg
-
-    def state(self, vpg_id: str, body: dict) -> None:
-        self._vpg(vpg_id)
-        self.vpgs.set_state(vpg_id, status=int(body["status"]), substatus=int(body["substatus"]),
-                            activeProcess=body.get("activeProcess"))
-
-    def shutdown(self, vpg_id: str, force: bool, vms: list[str] | None) -> dict:
-        """Power off the VPG's source VMs (all, or ``vms``); which ones were running."""
-        vpg = self._vpg(vpg_id)
-        hv = self.zvm.hypervisor
-        off, names = [], []
-        for m in vpg["vms"]:
-            if vms and m["vmIdentifier"] not in vms:
-                continue
-            try:
-                vm = hv.vm(m["vmIdentifier"])
-            except HvNotFound:
-                continue
-            if vm.power_state == "poweredOn":
-                hv.power_off(vm.id, graceful=not force)
-                off.append(vm.id)
-                names.append(vm.name)
-        return {"poweredOff": off, "names": names}
-
-    def power_on(self, vpg_id: str, vms: list[str]) -> dict:
-        self.vpgs.get(vpg_id)
-        hv = self.zvm.hypervisor
-        on = []
-        for vid in vms:
-            try:
-                if hv.vm(vid).power_state != "poweredOn":
-                    hv.power_on(vid)
-                    on.append(vid)
-            except HvNotFound:
-                continue
-        return {"poweredOn": on}
-
-    def checkpoint(self, vpg_id: str, tag: str | None, timeout_s: float = 90.0) -> dict:
-        """A valid checkpoint taken now, once it is recoverable at the recovery site: every
-        write before it is durable there."""
-        vpg = self._vpg(vpg_id)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            cp = self.vpgs.take_checkpoint(vpg, tag)
-            if cp.get("valid"):
-                break
-            if time.monotonic() > deadline:
-                raise Conflict("no valid checkpoint in time (the last one: "
-                               f"{'; '.join(cp.get('problems') or []) or 'not valid'})")
-            time.sleep(0.3)
-        while True:
-            got = next((c for c in self.vpgs.checkpoints(vpg) if c["id"] == cp["id"]), None)
-            if got:
-                return got
-            if time.monotonic() > deadline:
-                raise Unavailable(f"checkpoint {cp['id']} did not become recoverable in time")
-            time.sleep(0.2)
-
-    def stop(self, vpg_id: str) -> None:
-        self.vpgs.unprotect(self._vpg(vpg_id))
-
-    def resume(self, vpg_id: str) -> dict:
-        """Protect again and delta-sync (a rolled-back failover or move): nothing written at the
-        source meanwhile is lost. The status monitor takes the VPG over again."""
-        vpg = self._vpg(vpg_id)
-        vpg = self.vpgs.protect(vpg)
-        self.vpgs.set_state(vpg_id, syncing=True)
-        try:
-            out = self.vpgs.sync(vpg)
-        finally:
-            self.vpgs.set_state(vpg_id, syncing=False, status=MEETING_SLA, substatus=SUB_NONE,
-                                activeProcess=None)
-        return out
-
-    def recovered(self, vpg_id: str, delete_source_vms: bool) -> None:
-        """After a commit without reverse protection: replication stays off, the VPG shows
-        Recovered; a Move removes the source VMs (keeping their disk files) unless kept."""
-        vpg = self._vpg(vpg_id)
-        self.vpgs.unprotect(vpg, ignore_errors=True)
-        hv = self.zvm.hypervisor
-        if delete_source_vms:
-            for m in vpg["vms"]:
-                try:
-                    hv.delete_vm(m["vmIdentifier"], keep_disks=True)
-                except HvNotFound:
-                    pass
-        self.vpgs.set_state(vpg_id, status=RECOVERED, substatus=SUB_NONE, activeProcess=None)
-
-
-def tell_protected_site(zvm, vpg: dict) -> bool:
-    """At the recovery site: a failover committed while the VPG's protected site did not answer
-    left ``_sourcePending`` in the VPG document; tell that site now, when it answers again. It
-    shuts the source VMs down if the failover's shutdown policy asked for it (they restarted with
-    their hosts, next to the recovered VMs), stops replicating the VPG (its VRAs were restarted
-    with their saved protection) and shows the VPG Recovered. True once told (or nothing is
-    left to tell); False while the protected site is still unreachable: the next pass tries
-    again. Called by the VPG status monitor (vpgstatus.py) on every pass."""
-    pending = vpg.get("_sourcePending")
-    if not pending or vpg["role"] != "recovery":
-        return True
-    vpgs = zvm.services["vpgs"]
-    sites = zvm.services.get("sites")
-    vid = vpg["identifier"]
-    try:
-        if sites is not None and not sites.peer(vpg["protectedSiteIdentifier"]).get("reachable", True):
-            return False                  # the peer monitor says it is down: no call to wait on
-    except NotFound:
-        pass                              # unpaired: the call below says so
-    base = f"/v1/internal/vpgs/{vid}/source"
-    done = []
-    try:
-        # replication off first (nothing the source VMs wrote since the failover counts), then
-        # the VMs the failover would have shut down, then (a Move) their removal
-        vpgs.peer_call(vpg, "POST", f"{base}/recovered", timeout=SOURCE_CALL_S,
-                       json={"deleteSourceVms": False})
-        done.append("replication off there, the VPG Recovered")
-        if pending.get("shutdown"):
-            ans = vpgs.peer_call(vpg, "POST", f"{base}/shutdown", timeout=SOURCE_CALL_S, json={
-                "force": pending["shutdown"] == 2, "vms": pending.get("vms") or None})
-            done.append(f"source VMs shut down: {', '.join(ans.get('names') or []) or 'none was running'}")
-        if pending.get("deleteSourceVms"):
-            vpgs.peer_call(vpg, "POST", f"{base}/recovered", timeout=SOURCE_CALL_S,
-                           json={"deleteSourceVms": True})
-            done.append("source VMs removed (disk files kept)")
-        text = f"VPG {vpg['name']}: its protected site answers again after the failover: " + \
-            "; ".join(done)
-        ok = True
-    except Unavailable:
-        return False
-    except (Conflict, NotFound) as exc:   # not protected from there any more (changed there)
-        text = f"VPG {vpg['name']}: its protected site answers again but took nothing: {exc}"
-        ok = False
-    except ZVMError as exc:               # anything else: the next pass asks again
-        log.warning("VPG %s: telling the protected site it is recovered: %s", vpg["name"], exc)
-        return False
-    with vpgs.update(vid) as d:
-        d.pop("_sourcePending", None)
-    zvm.events.record("Failover", text, entity="VPG", success=ok, vpg=vpgs.link(vpg))
-    log.info("%s", text)
-    return True
 
 
 def reason_moving(vpg: dict) -> str:

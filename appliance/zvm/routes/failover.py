@@ -12,7 +12,7 @@ from ..schema import ANY, BOOL, INT, STR, arr, enum, nullable, obj
 from ..tasks import WAITING
 from ..vpgs import OPERATION_STATUSES, Vpgs
 from ..operations import failover as _failover, move as _move, restore as _restore  # noqa: F401
-from ..operations.failover import SourceSide
+from ..operations.source import SourceSide
 from ..operations.reverse import prepare_reverse
 
 
