@@ -234,6 +234,36 @@ def test_tasks_persist_and_resume_after_a_restart(cfg):
         zvm2.stop()
 
 
+@operation
+class _PollProbe(Operation):
+    """Test operation: waits for 'go' while a poll runs (and saves) every 50 ms."""
+    type = "TestPollProbe"
+    steps = ("wait",)
+
+    def step_wait(self):
+        def poll():
+            self.data["polls"] = self.data.get("polls", 0) + 1
+            if self.data["polls"] == 2:          # a signal stored while the poll runs ...
+                self.tasks.signal(self.task["identifier"], "go", {"value": 5})
+            self.note(f"poll {self.data['polls']}")   # ... survives the poll's own save
+            return self.data["polls"] >= 3
+        sig, params = self.wait_for(("go",), timeout_s=None, poll=poll, poll_s=0.05)
+        self.data["got"] = [sig, params.get("value")]
+
+
+def test_wait_for_polls_while_waiting_and_keeps_a_signal_stored_meanwhile(cfg):
+    a = create_app(cfg)
+    zvm = a.config["ZVM"]
+    try:
+        t = zvm.tasks.submit("TestPollProbe", {}, vpg={"identifier": "v2"})
+        done = wait_until(lambda: (d := zvm.tasks.get(t["identifier"]))["state"] == 6 and d,
+                          timeout=10, what="the task to take the signal and complete")
+        assert done["data"] == {"polls": 2, "got": ["go", 5]}
+        assert done["history"][0]["notes"] == ["poll 1", "poll 2"]
+    finally:
+        zvm.stop()
+
+
 def test_store_migrations_run_once_and_refuse_newer_schemas(tmp_path):
     s = Store(tmp_path / "z.sqlite")
     assert s.schema_version() == len(MIGRATIONS)
