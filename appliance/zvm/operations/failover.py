@@ -337,6 +337,11 @@ class Failover(LiveRecovery):
         a step fails before commit_images ─► the rollback steps ─► Failed (4)
         a step fails after commit_images began ─► Failed (4), nothing undone (the VMs run on the
             committed replicas); the task's reason says which step
+
+        protected site down: its steps are noted and skipped (sourceUnreachable); once it
+            answers, wait_commit (its poll) or finish catch up with it (catch_up_source: status,
+            replication off, shutdown policy); what a commit or rollback cannot tell it is left
+            in _sourcePending for source.tell_protected_site
     """
     type = "Failover"
     steps = ("begin", "shutdown_sources", "stop_replication", "open_images", "create_vms",
