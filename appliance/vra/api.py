@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import struct
 import time
 
 from flask import Flask, jsonify, request
@@ -249,7 +250,9 @@ def create_app(vra: VRA) -> Flask:
         With ``zero_runs=1`` (hashes format 2) blocks known to be zero without reading them --
         replica holes where no journal entry touches the span -- are answered as runs
         ``[[first, count], ...]`` (block numbers from ``offset``) and left out of ``hashes``.
-        Without it, format 1: a hash for every block (holes hashed as zero blocks)."""
+        Without it, format 1: a hash for every block (holes hashed as zero blocks). With
+        ``format=3`` and 4 KiB blocks, a binary answer streamed as it is computed, one frame per
+        16 MiB step (``_hashes_frame``; docs/FORMAT.md, "Delta sync")."""
         import numpy as np
 
         from appliance import kernels
@@ -261,6 +264,7 @@ def create_app(vra: VRA) -> Flask:
             length = int(request.args["length"])
             bs = int(request.args.get("block_size", DELTA_BLOCK))
             runs_ok = request.args.get("zero_runs", "0") not in ("", "0", "false")
+            binary = request.args.get("format", "") == "3"
             if bs <= 0 or bs % 8 or offset < 0 or offset % bs or length < 0:
                 raise ValueError("block_size must be a positive multiple of 8, offset a multiple of it")
             if length > MAX_HASH_SPAN:
@@ -275,6 +279,31 @@ def create_app(vra: VRA) -> Flask:
         length = max(0, min(length, cap - offset))
         step = max(bs, (16 << 20) // bs * bs)
         zero_hash = np.uint64(kernels.zero_block_hash(bs))
+        if bs == 4096 and binary:
+            # streamed: each 16 MiB step goes out as soon as it is hashed (the caller compares
+            # while the rest is computed), each at the durable position of its own step
+            def step_hashes(o):
+                try:
+                    return j.image_hashes(vpg, vm, disk, o, min(step, offset + length - o))
+                except (ValueError, DSSError) as exc:
+                    raise APIError(f"hashes of VM {vm} disk {disk}: {exc}") from exc
+            first = step_hashes(offset) if length else (j.durable_pos(vpg) or Pos(0, 0), None, None)
+
+            def frames():
+                o, got = offset, first
+                while o < offset + length:
+                    if got is None:
+                        try:
+                            got = step_hashes(o)
+                        except APIError as exc:        # the status is sent: an error frame
+                            yield _hashes_error_frame(str(exc))
+                            return
+                    yield _hashes_frame(got[1], got[2])
+                    o, got = o + step, None
+            headers = {"X-Tidemark-Hash-Format": "3", "X-Tidemark-Hash-Version": str(kernels.HASH_VERSION),
+                       "X-Tidemark-Pos": str(first[0]), "X-Tidemark-Offset": str(offset),
+                       "X-Tidemark-Length": str(length), "X-Tidemark-Block-Size": str(bs)}
+            return app.response_class(frames(), mimetype="application/x-tidemark-hashes", headers=headers)
         if bs == 4096:
             # the journal's own block size: whole blocks hashed at append answer from the index
             # (appliance/dss/hashes.py), the rest from replica pages or the reader
@@ -503,3 +532,30 @@ def _hashes_answer(pos, offset: int, length: int, bs: int, hashes, zero_runs) ->
     if zero_runs is not None:
         out.update(format=2, zero_runs=zero_runs)
     return out
+
+
+_FRAME = struct.Struct("<II")
+FRAME_ERROR = 0xFFFFFFFF
+
+
+def _hashes_frame(hashes, hole) -> bytes:
+    """One frame of a binary (format 3) hashes answer: ``<u32 blocks><u32 runs>``, ``runs`` zero
+    runs ``<u32 first><u32 count>`` (block numbers from the frame's first block: blocks known
+    zero without a read), then a little-endian u64 hash per block outside them, ascending."""
+    import numpy as np
+
+    from appliance.extents import mask_runs
+    runs = mask_runs(hole)
+    out = [_FRAME.pack(len(hashes), len(runs))]
+    if runs:
+        out.append(np.asarray(runs, dtype="<u4").tobytes())
+        hashes = hashes[~hole]
+    out.append(hashes.astype("<u8", copy=False).tobytes())
+    return b"".join(out)
+
+
+def _hashes_error_frame(message: str) -> bytes:
+    """The frame that ends a binary hashes answer which failed after its status was sent:
+    ``<u32 0xFFFFFFFF><u32 length>`` and the message in UTF-8."""
+    raw = message.encode()
+    return _FRAME.pack(FRAME_ERROR, len(raw)) + raw

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -25,6 +26,9 @@ log = logging.getLogger("tidemark.vra")
 DELTA_BLOCK = 4096              # delta sync block: the journal's index granularity
 DELTA_CHUNK = 64 << 20          # source bytes hashed and compared per step
 MAX_HASH_SPAN = 256 << 20       # most disk bytes one hashes request covers
+AHEAD_CHUNKS = 8                # recovery-side hashes of chunks held before this side compares them
+_FRAME = struct.Struct("<II")   # a frame of a binary hashes answer: blocks, zero runs
+_FRAME_ERROR = 0xFFFFFFFF       # ... or an error frame: the marker, the message's length
 
 
 class SyncError(Exception):
@@ -167,9 +171,11 @@ class VRA:
         the ring (``sync-blocks``: zero blocks as ZERO records without data), in order
         with the guest's writes. Hole-aware on both sides: the source's holes
         (``appliance.extents``) are not read, their blocks hash as the zero block, and the
-        recovery VRA answers its replica's holes as zero runs (hashes format 2) without
-        reading them, so blocks that are holes on both sides are neither read nor hashed. While it runs, barriers of the VPG report it as dirty,
-        so no checkpoint taken mid-sync is valid. See docs/FORMAT.md, "Delta sync".
+        recovery VRA answers its replica's holes as zero runs without reading them, so blocks
+        that are holes on both sides are neither read nor hashed. The recovery side's hashes
+        arrive as binary streams (hashes format 3; JSON formats 1 and 2 from older VRAs) while
+        this side hashes, so both VRAs work at once. While it runs, barriers of the VPG report
+        it as dirty, so no checkpoint taken mid-sync is valid. See docs/FORMAT.md, "Delta sync".
         """
         import base64
         import time
@@ -214,13 +220,8 @@ class VRA:
         http = requests.Session()
         url = f"{recovery_url}/v1/recovery/vpgs/{vpg}/disks/{vm_uuid}/{disk}/hashes"
 
-        def remote(off: int, n: int):
-            """(hash per block, bool per block: a hole there, known zero without a read)."""
-            r = http.get(url, params={"offset": off, "length": n, "block_size": bs, "zero_runs": 1},
-                         headers=auth, timeout=600)
-            if r.status_code >= 400:
-                raise SyncError(f"recovery VRA hashes: {r.text}")
-            h = r.json()
+        def parse_json(h, off: int, n: int):
+            """(hashes, hole) of a JSON answer (format 1 or 2: older recovery VRAs)."""
             if int(h.get("hash_version", kernels.HASH_VERSION)) != kernels.HASH_VERSION:
                 raise SyncError(f"recovery VRA hashes are version {h['hash_version']}, "
                                 f"this VRA's {kernels.HASH_VERSION}")
@@ -238,66 +239,203 @@ class VRA:
             full[~hole] = hashes
             return full, hole
 
-        def stream(runs):
-            t_stream = time.monotonic()
-            r = requests.post(f"{self.cfg.host_url}/vms/{vm_uuid}/disks/{disk}/sync-blocks",
-                              json={"block_size": bs, "runs": runs}, timeout=3600)
-            if r.status_code >= 400:
-                raise SyncError(f"host sync-blocks: {r.text}")
-            return r.json(), time.monotonic() - t_stream
+        def frames(r, off: int, n: int):
+            """(hashes, hole) per frame of a binary answer (format 3), as they arrive."""
+            if r.headers.get("X-Tidemark-Hash-Version") != str(kernels.HASH_VERSION):
+                raise SyncError(f"recovery VRA hashes are version {r.headers.get('X-Tidemark-Hash-Version')}, "
+                                f"this VRA's {kernels.HASH_VERSION}")
+            raw = r.raw
 
-        # Both sides hash at once: the recovery side's hashes of the next chunks are requested
-        # ahead while this side reads and hashes, and differing runs are streamed by the host
-        # (one call at a time, in order) while the comparison goes on. Any timing of the three
-        # is correct (docs/FORMAT.md, "Delta sync": the host re-reads each block under its lock).
-        from concurrent.futures import ThreadPoolExecutor
-        offs = list(range(0, cap, DELTA_CHUNK))
-        ahead = ThreadPoolExecutor(2, thread_name_prefix="delta-hashes")
-        streamer = ThreadPoolExecutor(1, thread_name_prefix="delta-stream")
-        fetches = {o: ahead.submit(remote, o, min(DELTA_CHUNK, cap - o)) for o in offs[:2]}
-        streams = []
-        try:
-            buf = bytearray(min(DELTA_CHUNK, cap))
-            fd = os.open(path, os.O_RDONLY)
+            def take(k: int) -> bytes:
+                got = raw.read(k)
+                while len(got) < k:
+                    more = raw.read(k - len(got))
+                    if not more:
+                        raise SyncError(f"recovery VRA hashes at offset {off}: the answer ended early")
+                    got += more
+                return got
+            left = -(-n // bs)
+            while left:
+                count, nruns = _FRAME.unpack(take(_FRAME.size))
+                if count == _FRAME_ERROR:
+                    raise SyncError(f"recovery VRA hashes: {take(nruns).decode(errors='replace')}")
+                if not 0 < count <= left:
+                    raise SyncError(f"recovery VRA hashes at offset {off}: a frame of {count} blocks, {left} left")
+                hole = np.zeros(count, dtype=bool)
+                if nruns:
+                    runs = np.frombuffer(take(8 * nruns), dtype="<u4").reshape(nruns, 2).astype(np.int64)
+                    if (runs[:, 0] + runs[:, 1] > count).any():
+                        raise SyncError(f"recovery VRA hashes at offset {off}: a zero run past its frame")
+                    for s, c in runs.tolist():
+                        hole[s:s + c] = True
+                full = np.full(count, zero_hash, dtype=np.uint64)
+                full[~hole] = np.frombuffer(take(8 * int(count - hole.sum())), dtype="<u8")
+                yield full, hole
+                left -= count
+
+        def remote(off: int, n: int):
+            """(hashes, hole) pieces of the recovery side's answer for [off, off + n), in order:
+            per frame as they arrive (binary, format 3), or the whole range (JSON, older VRAs)."""
+            with http.get(url, params={"offset": off, "length": n, "block_size": bs, "zero_runs": 1,
+                                       "format": 3}, headers=auth, timeout=600, stream=True) as r:
+                if r.status_code >= 400:
+                    raise SyncError(f"recovery VRA hashes: {r.text}")
+                if r.headers.get("X-Tidemark-Hash-Format") == "3":
+                    yield from frames(r, off, n)
+                else:
+                    yield parse_json(r.json(), off, n)
+
+        def fetch():
+            """The recovery side's hashes of the whole disk, cut into chunks, into ``fetched``:
+            one streamed request per MAX_HASH_SPAN, so that the recovery VRA hashes its index
+            while this side hashes the source (both processes busy at once)."""
             try:
-                for i, off in enumerate(offs):
-                    if i + 2 < len(offs):
-                        o2 = offs[i + 2]
-                        fetches[o2] = ahead.submit(remote, o2, min(DELTA_CHUNK, cap - o2))
-                    n = min(DELTA_CHUNK, cap - off)
-                    t_hash = time.monotonic()
-                    src, src_hole, nread = file_hashes(fd, off, n, bs, buf)
-                    t_wait = time.monotonic()
-                    out["bytes_read"] += nread
-                    dst, dst_hole = fetches.pop(off).result()
-                    out["seconds_hashing"] += t_wait - t_hash
-                    out["seconds_waiting_recovery"] += time.monotonic() - t_wait
-                    if len(dst) != len(src):
-                        raise SyncError(f"the recovery side has {len(dst)} blocks at offset {off}, "
-                                        f"the source {len(src)}: do the disk capacities match?")
-                    diff = kernels.compare_hashes(src, dst)
-                    out["blocks_compared"] += len(src)
-                    out["blocks_differing"] += len(diff)
-                    out["blocks_in_holes"] += int((src_hole & dst_hole).sum())
-                    if len(diff):
-                        first = off // bs
-                        streams.append(streamer.submit(stream, [[first + s, c] for s, c in index_runs(diff)]))
+                for span in range(0, cap, MAX_HASH_SPAN):
+                    n = min(MAX_HASH_SPAN, cap - span)
+                    ends = [min(o + DELTA_CHUNK, span + n) for o in range(span, span + n, DELTA_CHUNK)]
+                    o, pend_h, pend_z, have = span, [], [], 0
+                    for h, z in remote(span, n):
+                        pend_h.append(h)
+                        pend_z.append(z)
+                        have += len(h)
+                        while ends and (have >= -(-(ends[0] - o) // bs)):
+                            k = -(-(ends[0] - o) // bs)
+                            allh, allz = np.concatenate(pend_h), np.concatenate(pend_z)
+                            if not hand((o, allh[:k], allz[:k])):
+                                return
+                            pend_h, pend_z, have = [allh[k:]], [allz[k:]], have - k
+                            o = ends.pop(0)
+                    if ends or have:
+                        raise SyncError(f"recovery VRA hashes at offset {span}: "
+                                        f"{'too few' if ends else 'too many'} blocks answered")
+            except BaseException as exc:                  # noqa: B036 -- handed to the sync
+                hand(exc)
+
+        def hand(item) -> bool:
+            """Put ``item`` into ``fetched`` unless the sync stopped meanwhile (False then)."""
+            while not stop.is_set():
+                try:
+                    fetched.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def next_fetched():
+            while True:
+                try:
+                    return fetched.get(timeout=1.0)
+                except queue.Empty:
+                    if not fetcher.is_alive():
+                        try:
+                            return fetched.get_nowait()
+                        except queue.Empty:
+                            raise SyncError("the recovery side's hashes ended early") from None
+
+        def stream_loop():
+            """Send the differing runs to the host, one call with whatever is pending at a time."""
+            nonlocal stream_error
+            hs = requests.Session()
+            try:
+                while True:
+                    item = todo.get()
+                    runs = [] if item is None else list(item)
+                    done = item is None
+                    while not done:
+                        try:
+                            more = todo.get_nowait()
+                        except queue.Empty:
+                            break
+                        if more is None:
+                            done = True
+                        else:
+                            runs.extend(more)
+                    if runs and stream_error is None and not failed.is_set():
+                        t_stream = time.monotonic()
+                        r = hs.post(f"{self.cfg.host_url}/vms/{vm_uuid}/disks/{disk}/sync-blocks",
+                                    json={"block_size": bs, "runs": runs}, timeout=3600)
+                        out["seconds_streaming"] += time.monotonic() - t_stream
+                        if r.status_code >= 400:
+                            raise SyncError(f"host sync-blocks: {r.text}")
+                        sent = r.json()
+                        out["blocks_sent"] += sent["blocks"]
+                        out["zero_blocks"] += sent["zero_blocks"]
+                        out["bytes_sent"] += sent["bytes"]
+                        if sent.get("unsent"):
+                            raise SyncError(f"the host could not stream {sent['unsent']} blocks "
+                                            "(the VRA detached?); they are in its dirty bitmap")
+                    if done:
+                        return
+            except BaseException as exc:                  # noqa: B036 -- handed to the sync
+                stream_error = exc
+                while True:                               # let the sync finish its puts
+                    if todo.get() is None:
+                        return
             finally:
-                os.close(fd)
-            for fut in streams:
-                sent, secs = fut.result()
-                out["seconds_streaming"] += secs
-                out["blocks_sent"] += sent["blocks"]
-                out["zero_blocks"] += sent["zero_blocks"]
-                out["bytes_sent"] += sent["bytes"]
-                if sent.get("unsent"):
-                    raise SyncError(f"the host could not stream {sent['unsent']} blocks "
-                                    "(the VRA detached?); they are in its dirty bitmap")
+                hs.close()
+
+        # Both sides hash at once: the recovery side's hashes stream in (fetch) while this side
+        # reads and hashes, and differing runs are streamed by the host (one call at a time, in
+        # order) while the comparison goes on. Any timing of the three is correct
+        # (docs/FORMAT.md, "Delta sync": the host re-reads each block under its lock).
+        import queue
+        offs = list(range(0, cap, DELTA_CHUNK))
+        stop = threading.Event()
+        failed = threading.Event()                        # the sync gave up: send nothing more
+        fetched: queue.Queue = queue.Queue(maxsize=AHEAD_CHUNKS)
+        todo: queue.Queue = queue.Queue()
+        stream_error = None
+        fetcher = threading.Thread(target=fetch, name="delta-hashes", daemon=True)
+        streamer = threading.Thread(target=stream_loop, name="delta-stream", daemon=True)
+        fetcher.start()
+        streamer.start()
+        try:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    for off in offs:
+                        n = min(DELTA_CHUNK, cap - off)
+                        t_hash = time.monotonic()
+                        src, src_hole, nread = file_hashes(fd, off, n, bs)      # mapped (read only if it cannot be)
+                        t_wait = time.monotonic()
+                        out["bytes_read"] += nread
+                        got = next_fetched()
+                        out["seconds_hashing"] += t_wait - t_hash
+                        out["seconds_waiting_recovery"] += time.monotonic() - t_wait
+                        if isinstance(got, BaseException):
+                            raise got
+                        if got[0] != off:
+                            raise SyncError(f"recovery VRA hashes: chunk {got[0]} where {off} was due")
+                        dst, dst_hole = got[1], got[2]
+                        if len(dst) != len(src):
+                            raise SyncError(f"the recovery side has {len(dst)} blocks at offset {off}, "
+                                            f"the source {len(src)}: do the disk capacities match?")
+                        diff = kernels.compare_hashes(src, dst)
+                        out["blocks_compared"] += len(src)
+                        out["blocks_differing"] += len(diff)
+                        out["blocks_in_holes"] += int((src_hole & dst_hole).sum())
+                        if stream_error is not None:
+                            raise stream_error
+                        if len(diff):
+                            first = off // bs
+                            todo.put([[first + s, c] for s, c in index_runs(diff)])
+                finally:
+                    os.close(fd)
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                todo.put(None)
+                stop.set()
+            streamer.join()
+            if stream_error is not None:
+                raise stream_error
         finally:
-            for fut in list(fetches.values()) + streams:
-                fut.cancel()
-            ahead.shutdown(wait=True)
-            streamer.shutdown(wait=True)
+            stop.set()
+            failed.set()
+            todo.put(None)
+            streamer.join(timeout=600)
+            fetcher.join(timeout=60 if fetcher.is_alive() and not fetched.full() else 5)
             http.close()
             self._sync_end(vpg)
             out["seconds"] = round(time.monotonic() - t0, 3)
