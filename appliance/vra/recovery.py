@@ -305,6 +305,8 @@ class VPGTarget:
             self.waiting[name] = self.waiting.get(name, 0) + 1
             try:
                 while not b.done:
+                    if self._closed:
+                        raise ConnectionError(f"VPG {self.vpg} is no longer received here")
                     now = time.monotonic()
                     missing = b.participants - b.arrived
                     if now - b.started >= BARRIER_MAX_WAIT:

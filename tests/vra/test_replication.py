@@ -508,3 +508,14 @@ def test_barrier_the_leader_aborted_is_not_waited_for(merge):
     t.abort(10)                              # while a waits at it
     ta.join(1)
     assert not ta.is_alive() and not j.checkpoints
+
+
+def test_barrier_wait_ends_when_the_vpg_is_no_longer_received(merge):
+    t, j, a, b = merge
+    t.detach(b.source, t.links[b.source][0])  # b disconnected: a would wait BARRIER_MAX_WAIT
+    ta = a.send(a.marker(11))
+    while 11 not in t.barriers:
+        time.sleep(0.001)
+    t.close()                                # the VPG was dropped, or the VRA stops
+    ta.join(2)
+    assert not ta.is_alive()
