@@ -397,7 +397,14 @@ class _Stream:
     def send(self, *recs):
         """Handle the batch in a thread; the thread (join it to know the batch is in)."""
         import threading
-        t = threading.Thread(target=self.target.handle, args=(self.source, list(recs)), daemon=True)
+        self.errors = []
+
+        def run():
+            try:
+                self.target.handle(self.source, list(recs))
+            except ConnectionError as exc:      # the VPG is no longer received here
+                self.errors.append(exc)
+        t = threading.Thread(target=run, daemon=True)
         t.start()
         return t
 
@@ -518,4 +525,4 @@ def test_barrier_wait_ends_when_the_vpg_is_no_longer_received(merge):
         time.sleep(0.001)
     t.close()                                # the VPG was dropped, or the VRA stops
     ta.join(2)
-    assert not ta.is_alive()
+    assert not ta.is_alive() and a.errors
