@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 SYNC_RUN_MAX = 64 << 10      # largest SYNC record of a delta sync
 ZERO_RUN_MAX = 1 << 20       # most zero bytes one ZERO record stands for
+SYNC_BATCH_RUNS = 64         # most runs of a delta sync read and appended under one disk lock hold
+SYNC_BATCH_BYTES = 1 << 20   # ... and most bytes
 
 
 def dirty_blocks(bitmap: bytes):
@@ -97,75 +99,103 @@ class ResyncMixin:
         if block_size <= 0 or block_size % 512 or block_size > SYNC_RUN_MAX:
             raise ValueError(f"block_size must be a multiple of 512 up to {SYNC_RUN_MAX}, not {block_size}")
         nblocks = (disk.capacity + block_size - 1) // block_size
-        todo = sorted({int(b) for b in blocks})
-        if todo and (todo[0] < 0 or todo[-1] >= nblocks):
+        todo = np.unique(np.fromiter((int(b) for b in blocks), dtype=np.int64))
+        if todo.size and (todo[0] < 0 or todo[-1] >= nblocks):
             raise ValueError(f"blocks must be in [0, {nblocks}) for disk {disk_index} of VM {vm.name}")
         out = {"blocks": 0, "zero_blocks": 0, "records": 0, "bytes": 0, "unsent": 0}
+        # runs of consecutive blocks, each at most one read's worth
         per_read = max(1, ZERO_RUN_MAX // block_size)
+        runs: list[list[int]] = []
+        if todo.size:
+            cut = np.flatnonzero(np.diff(todo) != 1) + 1
+            for a, b in zip(np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [todo.size])).tolist()):
+                first = int(todo[a])
+                for s in range(0, b - a, per_read):
+                    runs.append([first + s, min(per_read, b - a - s)])
         i = 0
-        while i < len(todo):
-            # a run of consecutive blocks, at most one read's worth
-            j = i + 1
-            while j < len(todo) and j - i < per_read and todo[j] == todo[j - 1] + 1:
+        while i < len(runs):
+            # a batch of runs read and appended under one hold of the disk lock
+            j, nbytes = i, 0
+            while j < len(runs) and j - i < SYNC_BATCH_RUNS and (j == i or nbytes + runs[j][1] * block_size <= SYNC_BATCH_BYTES):
+                nbytes += runs[j][1] * block_size
                 j += 1
-            first, count = todo[i], j - i
-            done = 0
-            while done < count:
-                if not self.attached or (stop is not None and stop.is_set()):
-                    break
-                with disk.lock:
-                    done += self._sync_run(vm, disk, block_size, first + done, count - done, out)
-                if done < count:
-                    time.sleep(0.002)     # the ring is full: let the VRA catch up
-            if done < count:
-                with disk.lock:
-                    for b in todo[i + done:]:
-                        disk.mark_dirty(b * block_size, block_size)
-                out["unsent"] = len(todo) - i - done
-                return out
-            i = j
+            if not self.attached or (stop is not None and stop.is_set()):
+                break
+            with disk.lock:
+                done = self._sync_batch(vm, disk, block_size, runs[i:j], out)
+            while done and i < j:                 # drop what went into the ring
+                if done >= runs[i][1]:
+                    done -= runs[i][1]
+                    i += 1
+                else:
+                    runs[i] = [runs[i][0] + done, runs[i][1] - done]
+                    done = 0
+            if i < j:
+                time.sleep(0.002)                 # the ring is full: let the VRA catch up
+        if i < len(runs):
+            with disk.lock:
+                for first, count in runs[i:]:
+                    disk.mark_dirty(first * block_size, count * block_size)
+            out["unsent"] = sum(c for _, c in runs[i:])
         return out
 
-    def _sync_run(self, vm: VMRuntime, disk: Disk, bs: int, first: int, count: int, out: dict) -> int:
-        """Read ``count`` blocks from ``first`` and append them as ZERO/SYNC records (caller holds
-        the disk lock); how many blocks went into the ring before it was full."""
-        off0 = first * bs
-        length = min(count * bs, disk.capacity - off0)
-        buf = bytearray(count * bs)
-        n = os.preadv(disk.fd, [memoryview(buf)[:length]], off0)   # past EOF reads as zeros
-        if n < length:
-            buf[n:length] = bytes(length - n)
-        nonzero = np.frombuffer(buf, dtype=np.uint8).reshape(count, bs).any(axis=1)
+    def _sync_batch(self, vm: VMRuntime, disk: Disk, bs: int, runs, out: dict) -> int:
+        """Read the blocks of ``runs`` ([first, count], ascending) and append them as ZERO/SYNC
+        records (caller holds the disk lock); how many blocks, counted through the runs in
+        order, went into the ring before it was full. The records are committed together at
+        the end (in order), so the VRA wakes once for the batch, not once per record."""
+        total = sum(c for _, c in runs)
+        buf = bytearray(total * bs)
+        mv = memoryview(buf)
+        at = 0
+        for first, count in runs:
+            off0 = first * bs
+            length = min(count * bs, disk.capacity - off0)
+            n = os.preadv(disk.fd, [mv[at:at + length]], off0)   # past EOF reads as zeros
+            if n < length:
+                buf[at + n:at + length] = bytes(length - n)
+            at += count * bs
+        nonzero = np.frombuffer(buf, dtype=np.uint8).reshape(total, bs).any(axis=1).tolist()
         ring, stats = self.ring, self.stats
         per_sync = max(1, SYNC_RUN_MAX // bs)
-        k = 0
-        while k < count:
-            z = not nonzero[k]
-            e = k + 1
-            limit = count if z else min(count, k + per_sync)
-            while e < limit and (not nonzero[e]) == z:
-                e += 1
-            off = off0 + k * bs
-            nbytes = min((e - k) * bs, disk.capacity - off)
-            got = ring.try_reserve(8 if z else nbytes)
-            if got is None:
-                return k
-            pos, seq, view = got
-            if z:
-                view[:] = nbytes.to_bytes(8, "little")
-            else:
-                view[:] = buf[k * bs:k * bs + nbytes]
-            vm.vm_seq += 1
-            ring.commit_header(pos, R.ZERO if z else R.SYNC, seq, disk.index, vm.generation,
-                               vm.vm_seq, off, vm.uuid_bytes, view)
-            ring.commit(pos)
-            out["records"] += 1
-            if z:
-                out["zero_blocks"] += e - k
-                stats.zero_blocks += e - k
-            else:
-                out["blocks"] += e - k
-                out["bytes"] += nbytes
-                stats.delta_blocks += e - k
-            k = e
-        return count
+        reserved = []
+        done = base = 0
+        try:
+            for first, count in runs:
+                off0 = first * bs
+                k = 0
+                while k < count:
+                    z = not nonzero[base + k]
+                    e = k + 1
+                    limit = count if z else min(count, k + per_sync)
+                    while e < limit and (not nonzero[base + e]) == z:
+                        e += 1
+                    off = off0 + k * bs
+                    nbytes = min((e - k) * bs, disk.capacity - off)
+                    got = ring.try_reserve(8 if z else nbytes)
+                    if got is None:
+                        return done
+                    pos, seq, view = got
+                    if z:
+                        view[:] = nbytes.to_bytes(8, "little")
+                    else:
+                        view[:] = mv[(base + k) * bs:(base + k) * bs + nbytes]
+                    vm.vm_seq += 1
+                    ring.commit_header(pos, R.ZERO if z else R.SYNC, seq, disk.index, vm.generation,
+                                       vm.vm_seq, off, vm.uuid_bytes, view)
+                    reserved.append(pos)
+                    out["records"] += 1
+                    if z:
+                        out["zero_blocks"] += e - k
+                        stats.zero_blocks += e - k
+                    else:
+                        out["blocks"] += e - k
+                        out["bytes"] += nbytes
+                        stats.delta_blocks += e - k
+                    done += e - k
+                    k = e
+                base += count
+            return done
+        finally:
+            for pos in reserved:
+                ring.commit(pos)

@@ -348,6 +348,60 @@ def test_sync_blocks_streams_chosen_blocks_in_order_with_zero_records(tmp_path, 
     client.close()
 
 
+def test_sync_blocks_of_scattered_blocks_through_a_ring_that_fills(tmp_path):
+    """Isolated blocks go in batches (one disk lock hold, committed together); a batch the ring
+    cannot take whole goes in part and the rest follows once the consumer made room."""
+    h, stop_bell = make_host(tmp_path, ring_capacity=256 * 1024)      # 64 blocks of ring
+    try:
+        cap = 16 * MiB
+        cfg = vm_cfg(tmp_path, "vm0", disks=(cap,))
+        uid = cfg["instance_uuid"]
+        h.start_vm(cfg, "power-on")
+        rnd = random.Random(12)
+        nblocks = cap // 4096
+        chosen = sorted(rnd.sample(range(nblocks), 700))
+        for b in chosen[::3]:                           # data in a third of them, zeros elsewhere
+            h.write(uid, 0, b * 4096, rnd.randbytes(4096))
+        h.io.vms[uid].disks[0].clear_bitmap()
+        replica = replica_paths(tmp_path, cfg)[0]
+        with open(replica, "wb") as f:
+            f.write(rnd.randbytes(cap))
+        client = MirrorClient(h.doorbell_path, vra="test")
+        rep = Replayer({uid: [replica]})
+        stop = threading.Event()
+
+        def drain():
+            while not stop.is_set():
+                for rec in client.records(idle_timeout=0.05):
+                    rep.apply(rec, client.ring.ring_id)
+                    client.ack()
+                    time.sleep(0.0005)                  # a slow consumer: the ring fills
+        t = threading.Thread(target=drain)
+        t.start()
+        try:
+            out = h.io.sync_blocks(uid, 0, 4096, chosen + chosen[:5])     # duplicates are fine
+        finally:
+            stop.set()
+            t.join(10)
+        for rec in client.records(idle_timeout=0.3):
+            rep.apply(rec, client.ring.ring_id)
+            client.ack()
+        assert out["unsent"] == 0 and out["blocks"] + out["zero_blocks"] == len(chosen)
+        assert out["blocks"] == len(chosen[::3]) and out["records"] <= len(chosen)
+        assert rep.gaps == []
+        with open(replica, "rb") as f:
+            got = f.read()
+        with open(cfg["disks"][0]["path"], "rb") as f:
+            src = f.read().ljust(cap, b"\0")
+        for b in chosen:
+            assert got[b * 4096:(b + 1) * 4096] == src[b * 4096:(b + 1) * 4096], b
+        rep.close()
+        client.close()
+    finally:
+        h.shutdown()
+        stop_bell.set()
+
+
 def test_zero_records_of_a_detached_vra_go_to_the_bitmap(tmp_path, host):
     cfg = vm_cfg(tmp_path, "vm0", disks=(4 * MiB,))
     uid = cfg["instance_uuid"]
