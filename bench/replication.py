@@ -483,9 +483,12 @@ def measure_delta_sync(rig: Rig, base: Path, say, notes) -> tuple[float | None, 
     old = time.time() - 86400                       # so that rsync does not skip it by size + mtime
     os.utime(dst, (old, old))
     nchanged = _change_blocks(path, size, rng)
+    load = os.getloadavg()
     t0 = time.perf_counter()
     r = prot.call("POST", f"/v1/protected/vpgs/{VPG}/sync", json=body, timeout=1800)
-    ok = rig.wait_drained(600)
+    deadline = time.monotonic() + 600                # drained: polled every 20 ms (not 0.2 s)
+    while not (ok := rig.drained()) and time.monotonic() < deadline:
+        time.sleep(0.02)
     delta_s = time.perf_counter() - t0
     if not ok:
         notes.append("the delta sync did not drain within 600 s")
@@ -497,14 +500,17 @@ def measure_delta_sync(rig: Rig, base: Path, say, notes) -> tuple[float | None, 
         f"hashing the source {r.get('seconds_hashing')} s, waiting for the recovery side's hashes "
         f"{r.get('seconds_waiting_recovery')} s, streaming {r.get('seconds_streaming')} s), "
         f"{r.get('blocks_differing')} blocks differed, {r.get('blocks_sent')} sent; "
-        f"a second pass found {check.get('blocks_differing')} differing")
+        f"a second pass found {check.get('blocks_differing')} differing; "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if check.get("blocks_differing"):
         notes.append(f"delta sync did not converge: a second pass found {check['blocks_differing']} "
                      "differing blocks")
+    load = os.getloadavg()
     rsync_s = run_rsync(Path(path), dst, 900)
     if rsync_s is not None:
         same = subprocess.run(["cmp", "-s", path, str(dst)]).returncode == 0
-        say(f"  rsync --inplace --no-whole-file -B 4096: {rsync_s:.2f} s (files equal after: {same})")
+        say(f"  rsync --inplace --no-whole-file -B 4096: {rsync_s:.2f} s (files equal after: {same}; "
+            f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})")
         if not same:
             notes.append("rsync left the files different")
     dst.unlink(missing_ok=True)
