@@ -367,12 +367,17 @@ class VPGTarget:
                 self.cut.pop(old)
             if valid and cut is None:
                 # Only when a participant's marker cannot come (its stream lost it: a new epoch,
-                # or no progress for BARRIER_TIMEOUT) or after BARRIER_MAX_WAIT.
+                # or a recovery VRA restart lost the barrier's state after some of its markers
+                # were durable), or after BARRIER_MAX_WAIT.
                 log.error("VPG %s: checkpoint %d is valid at the leader but barrier %d was %s: "
                           "it is not recoverable", self.vpg, k, k,
                           "abandoned" if k in self.settled else "not complete")
                 self.lost.append(k)
                 del self.lost[:-100]
+            b = self.barriers.get(k)
+            if b is not None:
+                # its COMMIT is consumed: a cut made now would become no checkpoint
+                self._settle(b, None, "its COMMIT came first" if valid else "its checkpoint is invalid")
         if not valid:
             self.abort(k, "its checkpoint is invalid")
         cp = None

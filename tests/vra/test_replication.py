@@ -526,3 +526,17 @@ def test_barrier_wait_ends_when_the_vpg_is_no_longer_received(merge):
     t.close()                                # the VPG was dropped, or the VRA stops
     ta.join(2)
     assert not ta.is_alive() and a.errors
+
+
+def test_barrier_whose_commit_came_first_is_not_waited_for(merge):
+    # After a recovery VRA restart: the leader's marker k was durable before it (not resent),
+    # its COMMIT k was not. b resends its marker k and must not wait for a's, which never comes.
+    t, j, a, b = merge
+    a.seq = 1                                # a's marker 7 (seq 1) was durable before
+    t.accepted[a.source] = t.progress[a.source] = 1
+    tb = b.send(b.marker(7))
+    while 7 not in t.barriers:
+        time.sleep(0.001)
+    a.send(a.commit(7), a.write()).join(5)
+    tb.join(1)
+    assert not tb.is_alive() and t.settled[7] is None and t.lost == [7]
