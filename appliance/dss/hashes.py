@@ -40,7 +40,8 @@ _BLOCK = K.BLOCK
 _SHIFT = K.BLOCK_SHIFT
 _KEY = np.dtype([("prefix", "V22"), ("block", ">u8"), ("gen", ">u4"), ("lsn", ">u8")])
 _HASHED = np.dtype([("check", "<u8"), ("start", "<u2"), ("end", "<u2"), ("hash", "<u8")])
-assert _KEY.itemsize == K.INDEX_KEY_SIZE and _HASHED.itemsize == 20
+_PLAIN = np.dtype([("check", "<u8"), ("start", "<u2"), ("end", "<u2")])
+assert _KEY.itemsize == K.INDEX_KEY_SIZE and _HASHED.itemsize == 20 and _PLAIN.itemsize == 12
 
 
 def image_hashes(j, vpg: str, vm: str, disk: int, offset: int, length: int
@@ -152,15 +153,18 @@ def _verified(kraw: np.ndarray, vals, sel: np.ndarray, v, d) -> _Hashed:
         pick = sel[is20] if w == 20 else sel[~is20]
         if not pick.size:
             continue
-        recs = raw.reshape(-1, w)[row[pick]]
-        got = kernels.xxh3_rows(np.concatenate((kraw[pick], recs[:, 8:]), axis=1))
-        checks = np.ascontiguousarray(recs[:, :8]).view("<u8")[:, 0]
-        if not np.array_equal(got, checks):
-            i = int(pick[np.flatnonzero(got != checks)[0]])
+        recs = raw.reshape(-1, w)
+        if pick.size == n:                            # every record: no copies of the rows
+            krows = kraw
+        else:
+            krows, recs = kraw[pick], recs[row[pick]]
+        rv = recs.view(_HASHED if w == 20 else _PLAIN)[:, 0]
+        got = kernels.xxh3_rows(np.concatenate((krows, recs[:, 8:]), axis=1))
+        if not np.array_equal(got, rv["check"]):
+            i = int(pick[np.flatnonzero(got != rv["check"])[0]])
             raise JournalCorrupt(_index_name(bytes(kraw[i]), d), v.name, "index record checksum mismatch")
         if w == 20:
-            hv = np.ascontiguousarray(recs).view(_HASHED)[:, 0]
-            out.start, out.end, out.hash = hv["start"], hv["end"], hv["hash"]
+            out.start, out.end, out.hash = rv["start"], rv["end"], rv["hash"]
     out.mask = is20
     if not is20.any():
         out.start = out.end = np.zeros(0, dtype=np.uint16)
