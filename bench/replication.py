@@ -10,7 +10,10 @@ Everything runs on loopback in one run and is stopped at the end:
   ``ingest_raw``); ``lz4.block.compress`` of 1 MiB of the workloads' random content (1 core).
 * replicated throughput: a lab (``simulator.lab.Lab``, 2 sites, 2 hosts, 8 VMs), one recovery
   VRA (journal_sync true) and one protected VRA per host, routed through the lab's WAN link,
-  as in ``tests/vra/test_replication.py``. Workloads of 64 KiB blocks, random pattern, random
+  as in ``tests/vra/test_replication.py``. Both sites share the machine's one disk: the guests'
+  disks (protected datastores) and the recovery journal and replicas are written to it at once,
+  which a real pair of sites never does; ``--protected-storage shm`` puts the protected
+  datastores in /dev/shm instead (the journal stays on the disk), for comparison. Workloads of 64 KiB blocks, random pattern, random
   content, on 1 VM and then on all 8 (both hosts), each after the previous phase's backlog
   (queued, unacknowledged, dirty bitmaps) cleared. MB/s made durable = growth of the recovery
   journal's usage bytes (``GET /v1/recovery/vpgs/<vpg>/usage``) over a steady window after a
@@ -195,10 +198,11 @@ class VRAProc:
 class Rig:
     """A lab with 8 VMs on 2 hosts, a recovery VRA and one protected VRA per host."""
 
-    def __init__(self, base: Path, disk_mib: int):
+    def __init__(self, base: Path, disk_mib: int, lab_dir: Path | None = None):
         from simulator.lab import Lab
         self.vras: list[VRAProc] = []
-        self.lab = Lab(base / "lab")
+        self.lab_dir = lab_dir
+        self.lab = Lab(lab_dir or base / "lab")
         try:
             self._setup(base, disk_mib)
         except BaseException:
@@ -311,6 +315,13 @@ class Rig:
         return False
 
     def down(self):
+        try:
+            self._down()
+        finally:
+            if self.lab_dir is not None:
+                shutil.rmtree(self.lab_dir, ignore_errors=True)
+
+    def _down(self):
         for v in self.vras:
             try:
                 v.stop()
@@ -649,6 +660,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller runs (under 2 minutes)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--dir", default=None, help="where to put labs, journals and files (default: system temp)")
+    ap.add_argument("--protected-storage", choices=("disk", "shm"), default="disk",
+                    help="where the protected site's datastores (the guests' disks) live: on the bench "
+                         "disk with the recovery journal (default), or in /dev/shm, as on a separate "
+                         "storage system at a real protected site")
     ap.add_argument("--only", default=",".join(PHASES),
                     help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)")
     args = ap.parse_args()
@@ -682,8 +697,13 @@ def main() -> int:
             raw_limits(res, base, q, say)
         mark("raw limits")
         if only & {"rpo", "delta", "throughput"}:
-            rig = Rig(base, disk_mib=256 if q else 2048)
-            say("replication (lab: 2 sites, 8 VMs on 2 hosts; journal_sync true; via the WAN link)")
+            lab_dir = Path(tempfile.mkdtemp(prefix="tidemark-bench-lab-", dir="/dev/shm")) \
+                if args.protected_storage == "shm" else None
+            rig = Rig(base, disk_mib=256 if q else 2048, lab_dir=lab_dir)
+            say("replication (lab: 2 sites, 8 VMs on 2 hosts; journal_sync true; via the WAN link; "
+                f"protected datastores {'in /dev/shm' if lab_dir else 'on the bench disk'}, recovery "
+                "journal and replicas on the bench disk)")
+            res["protected_storage"] = args.protected_storage
             if not rig.wait_connected(30):
                 notes.append("protected senders did not all connect within 30 s")
             mark("lab up")
