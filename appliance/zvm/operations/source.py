@@ -169,7 +169,13 @@ def tell_protected_site(zvm, vpg: dict) -> bool:
     except ZVMError as exc:               # anything else: the next pass asks again
         log.warning("VPG %s: telling the protected site it is recovered: %s", vpg["name"], exc)
         return False
-    with vpgs.update(vid) as d:
+    return _source_settled(zvm, vpg, text, ok)
+
+
+def _source_settled(zvm, vpg: dict, text: str, ok: bool) -> bool:
+    """The protected site's part of a failover is done (or refused for good): forget it, say so."""
+    vpgs = zvm.services["vpgs"]
+    with vpgs.update(vpg["identifier"]) as d:
         d.pop("_sourcePending", None)
     zvm.events.record("Failover", text, entity="VPG", success=ok, vpg=vpgs.link(vpg))
     log.info("%s", text)
@@ -212,8 +218,4 @@ def _tell_rolled_back(zvm, vpg: dict, pending: dict) -> bool:
         log.warning("VPG %s: telling the protected site the failover was rolled back: %s",
                     vpg["name"], exc)
         return False
-    with vpgs.update(vid) as d:
-        d.pop("_sourcePending", None)
-    zvm.events.record("Failover", text, entity="VPG", success=ok, vpg=vpgs.link(vpg))
-    log.info("%s", text)
-    return True
+    return _source_settled(zvm, vpg, text, ok)
