@@ -198,19 +198,19 @@ class VRAProc:
 class Rig:
     """A lab with 8 VMs on 2 hosts, a recovery VRA and one protected VRA per host."""
 
-    def __init__(self, base: Path, disk_mib: int, lab_dir: Path | None = None):
+    def __init__(self, base: Path, disk_mib: int, lab_dir: Path | None = None, ring_mib: int = 256):
         from simulator.lab import Lab
         self.vras: list[VRAProc] = []
         self.lab_dir = lab_dir
         self.lab = Lab(lab_dir or base / "lab")
         try:
-            self._setup(base, disk_mib)
+            self._setup(base, disk_mib, ring_mib)
         except BaseException:
             self.down()
             raise
 
-    def _setup(self, base: Path, disk_mib: int):
-        self.lab.up(sites=2, hosts=2, vms=8, disk_mib=disk_mib, workload=False)
+    def _setup(self, base: Path, disk_mib: int, ring_mib: int):
+        self.lab.up(sites=2, hosts=2, vms=8, disk_mib=disk_mib, workload=False, ring_mib=ring_mib)
         st = {s["name"]: s for s in self.lab.status()["sites"]}
         a = st["site-a"]
         self.vms = a["vms"]
@@ -664,6 +664,9 @@ def main() -> int:
                     help="where the protected site's datastores (the guests' disks) live: on the bench "
                          "disk with the recovery journal (default), or in /dev/shm, as on a separate "
                          "storage system at a real protected site")
+    ap.add_argument("--ring-mib", type=int, default=256,
+                    help="each protected host's mirror ring (the IO filter's replication buffer) in MiB; "
+                         "default 256, the lab's own; larger rings ride out longer stalls of the path")
     ap.add_argument("--only", default=",".join(PHASES),
                     help=f"comma-separated phases to run, of {','.join(PHASES)} (default: all)")
     args = ap.parse_args()
@@ -699,11 +702,13 @@ def main() -> int:
         if only & {"rpo", "delta", "throughput"}:
             lab_dir = Path(tempfile.mkdtemp(prefix="tidemark-bench-lab-", dir="/dev/shm")) \
                 if args.protected_storage == "shm" else None
-            rig = Rig(base, disk_mib=256 if q else 2048, lab_dir=lab_dir)
-            say("replication (lab: 2 sites, 8 VMs on 2 hosts; journal_sync true; via the WAN link; "
+            rig = Rig(base, disk_mib=256 if q else 2048, lab_dir=lab_dir, ring_mib=args.ring_mib)
+            say(f"replication (lab: 2 sites, 8 VMs on 2 hosts, {args.ring_mib} MiB ring per host; "
+                "journal_sync true; via the WAN link; "
                 f"protected datastores {'in /dev/shm' if lab_dir else 'on the bench disk'}, recovery "
                 "journal and replicas on the bench disk)")
             res["protected_storage"] = args.protected_storage
+            res["ring_mib"] = args.ring_mib
             if not rig.wait_connected(30):
                 notes.append("protected senders did not all connect within 30 s")
             mark("lab up")

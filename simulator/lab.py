@@ -41,7 +41,7 @@ class Lab:
     # -- up ------------------------------------------------------------------------------
     def up(self, sites: int = 2, hosts: int = 2, vms: int = 4, disk_mib: int = 256,
            vcenter: str = "sim", hyperv_site: bool = False, workload: dict | None | bool = None,
-           ring_mib: int = 64, timeout: float = 120, zvm: bool = False,
+           ring_mib: int = 256, timeout: float = 120, zvm: bool = False,
            protect: bool = True) -> dict:
         """Start the sites (and with ``zvm``, a ZVM per site, VRAs on every host, the sites paired
         and, with ``protect``, a VPG of the first site's VMs to the second: simulator/labzvm.py)."""

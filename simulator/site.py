@@ -87,7 +87,7 @@ class Site:
             lab_cfg = json.loads((self.lab_dir / "lab.json").read_text())
         except (FileNotFoundError, ValueError):
             lab_cfg = {}
-        self.ring_mib = int(lab_cfg.get("ring_mib", 64))   # each host's mirror ring
+        self.ring_mib = int(lab_cfg.get("ring_mib", 256))  # each host's mirror ring (docs/simulator.md)
         self.shm = shm_dir(self.lab_dir) / name
         self.shm.mkdir(parents=True, exist_ok=True)
         self.hosts = {h["name"]: HostRuntime(h["name"]) for h in self.inv["hosts"]}
