@@ -257,7 +257,7 @@ class Rig:
         """{role: [psutil.Process]}: the processes of the rig by what they do, for CPU figures."""
         import psutil
         roles = {"recovery VRA": [], "protected VRAs": [], "hosts": [], "sites and WAN link": []}
-        lab_dir = str(self.lab.dir) if hasattr(self.lab, "dir") else ""
+        lab_dir = str(self.lab.dir)
         for v in self.vras:
             try:
                 roles["recovery VRA" if v is self.rec else "protected VRAs"].append(psutil.Process(v.proc.pid))
@@ -265,7 +265,7 @@ class Rig:
                 pass
         for p in psutil.process_iter(["cmdline"]):
             c = " ".join(p.info["cmdline"] or [])
-            if lab_dir and lab_dir in c:
+            if lab_dir in c:
                 roles["hosts" if "simulator.host" in c else "sites and WAN link"].append(p)
         return roles
 

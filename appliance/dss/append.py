@@ -69,7 +69,6 @@ def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], 
             if cp.pos < floor:
                 raise InvalidAppend(v.name, f"checkpoint {cp.id} at {cp.pos} is before the recoverable "
                                          f"history, which starts at {floor}")
-        j._check_writable()
         refs = iter(_write_data(j, v, entries))
         wb = WriteBatch(raw_mode=True)
         put, ecf, icf = wb.put, j._entries_cf, j._index_cf

@@ -44,8 +44,8 @@ def check(j, v: VpgState) -> list[str]:
         entries += 1
         try:
             vmb, disk, offset, length, _, src = R.decode_entry(key, it.value())
-            if isinstance(src, R.SegmentRef) and v.segs.read(src[0], src[1], length, src[2]) is None:
-                raise R.RecordError(f"its segment {src[0]} was dropped")
+            if v.segs.data(src, length) is None:
+                raise R.RecordError(f"its segment {src.seq} was dropped")
         except (R.RecordError, ValueError, OSError) as exc:
             bad(f"entry {pos}: {exc}")
             nbytes = None                       # a corrupt entry's size is unknown: counters not compared
@@ -108,8 +108,8 @@ def check(j, v: VpgState) -> list[str]:
         else:
             try:
                 evm, edisk, offset, length, _, data = R.decode_entry(ekey, raw)
-                if isinstance(data, R.SegmentRef) and h is not None:
-                    data = v.segs.read(data[0], data[1], length, data[2])
+                if h is not None:
+                    data = v.segs.data(data, length)
             except (R.RecordError, ValueError, OSError):
                 pass                    # reported with the entries
             else:

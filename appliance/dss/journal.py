@@ -135,13 +135,13 @@ class Journal:
             it.seek(K.format_entry_key(v.id, _after(v.promoted)))
             if it.valid() and it.key() < hi:
                 src = R.decode_entry(it.key(), it.value())[5]
-                first = src[0] if isinstance(src, R.SegmentRef) else None
+                first = src.seq if isinstance(src, R.SegmentRef) else None
                 it.seek_for_prev(hi)
                 _, _, _, length, _, src = R.decode_entry(it.key(), it.value())
-                last = (src[0], src[1] + length) if isinstance(src, R.SegmentRef) else None
+                last = (src.seq, src.offset + length) if isinstance(src, R.SegmentRef) else None
         except R.RecordError:
             del it
-            v.segs.keep_all()           # check() names the corrupt record; nothing is deleted
+            v.segs.recover(None, None, keep_all=True)   # check() names the corrupt record
             return
         del it
         v.segs.recover(first, last)
@@ -363,17 +363,6 @@ class Journal:
         span = (last.time - first.time) if first and last else 0.0     # recoverable history
         return {"bytes": v.nbytes, "entries": v.entries, "oldest_time": oldest, "newest_time": newest,
                 "history_s_actual": span, "promoted_pos": v.promoted, "durable_pos": v.durable}
-
-    def _entry_data(self, v: VpgState, pos: Pos, length: int, src):
-        """The data of an entry from ``R.decode_entry``: a bytes-like object, verified; None if
-        its segment was dropped since (the entry was promoted: start over). JournalCorrupt if
-        the data is missing or does not match its checksum."""
-        if not isinstance(src, R.SegmentRef):
-            return src
-        try:
-            return v.segs.read(src[0], src[1], length, src[2])
-        except (ValueError, OSError) as exc:
-            raise JournalCorrupt(f"entry {pos}", v.name, exc) from None
 
     def _entry_time(self, v: VpgState, key: bytes, value: bytes) -> float:
         return self._decode(f"entry {K.parse_entry_key(key)[1]}", v.name, R.decode_entry, key, value)[4]

@@ -107,14 +107,12 @@ def _collect(j, v: VpgState, keep_going, upto: Pos | None):
         if d is None:
             raise DSSError(f"entry {pos} of VPG {v.name} writes disk {disk} of VM {K.parse_vm(vmb)}, "
                            "which is not registered: run check()")
-        data = src
-        if isinstance(src, R.SegmentRef):
-            try:
-                data = v.segs.read(src[0], src[1], length, src[2])
-            except (ValueError, OSError) as exc:
-                return step, True, JournalCorrupt(f"entry {pos}", v.name, f"{exc}; promotion stopped before it")
-            if data is None:    # only promotion drops segments, and it holds promote_lock
-                raise DSSError(f"entry {pos} of VPG {v.name}: its segment was dropped while it is live")
+        try:
+            data = v.segs.data(src, length)
+        except (ValueError, OSError) as exc:
+            return step, True, JournalCorrupt(f"entry {pos}", v.name, f"{exc}; promotion stopped before it")
+        if data is None:        # only promotion drops segments, and it holds promote_lock
+            raise DSSError(f"entry {pos} of VPG {v.name}: its segment was dropped while it is live")
         step.append((pos, key, d, offset, length, data, cost))
         nbytes += length
         if len(step) >= STEP_ENTRIES or nbytes >= STEP_BYTES:
@@ -181,7 +179,7 @@ def _drop_segments(j, v: VpgState, target: Pos) -> None:
             return                      # promotion stops there next time; keep everything
         if not isinstance(src, R.SegmentRef):
             return                      # an inline entry (format version 2): no segment before it
-        keep = src[0]
+        keep = src.seq
     del it
     v.segs.drop_before(keep)
 

@@ -197,11 +197,10 @@ def _read_once(index, entries, v: VpgState, d: DiskInfo, offset: int, length: in
         if raw is None:
             return None                                 # promoted since step 1: start over
         try:
-            _, _, eoff, elen, _, data = R.decode_entry(ekey, raw)
-            if isinstance(data, R.SegmentRef):
-                data = v.segs.read(data[0], data[1], elen, data[2])
-                if data is None:
-                    return None                         # promoted since step 1: start over
+            _, _, eoff, elen, _, src = R.decode_entry(ekey, raw)
+            data = v.segs.data(src, elen)
+            if data is None:
+                return None                             # promoted since step 1: start over
         except (R.RecordError, ValueError, OSError) as exc:
             raise JournalCorrupt(f"entry {K.parse_entry_key(ekey)[1]}", v.name, exc) from None
         for a, b, k in spans[ekey]:

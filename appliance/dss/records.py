@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import NamedTuple
 
 from xxhash import xxh3_64
 
@@ -50,12 +51,11 @@ FLAG_TAGGED = 1             # checkpoint flags
 FLAG_SEGMENT = 1            # entry flags: the data is in a segment file (format version 3)
 
 
-class SegmentRef(tuple):
-    """Where an entry's data is: ``(segment, offset, XXH3-64 of the data)``."""
-    __slots__ = ()
-
-    def __new__(cls, seq: int, offset: int, digest: int):
-        return tuple.__new__(cls, (seq, offset, digest))
+class SegmentRef(NamedTuple):
+    """Where an entry's data is (``segments.Segments.data`` reads it)."""
+    seq: int            # the segment
+    offset: int         # where the data starts in it
+    digest: int         # XXH3-64 of the data
 
 
 class RecordError(ValueError):
@@ -104,7 +104,7 @@ def encode_entry_ref(key: bytes, vm: bytes, disk: int, offset: int, length: int,
 
 def decode_entry(key: bytes, value: bytes | None):
     """-> (vm, disk, offset, length, time, data): ``data`` a memoryview of the inline data, or a
-    ``SegmentRef`` (read it with ``Journal._entry_data``)."""
+    ``SegmentRef`` (``Segments.data`` gives the bytes either way)."""
     mv = unseal(key, value, ENTRY_HEADER_SIZE)
     _, version, flags, disk, length, offset, time, vm = ENTRY_HEADER.unpack_from(value)
     if version != VERSION:

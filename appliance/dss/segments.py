@@ -26,6 +26,8 @@ import threading
 
 from xxhash import xxh3_64_intdigest as _xxh3
 
+from .records import SegmentRef
+
 
 SEGMENT_BYTES = 64 << 20
 SUFFIX = ".seg"
@@ -62,45 +64,34 @@ class Segments:
         self._floor = 1         # segments below it were dropped on purpose (promoted)
 
     # -- opening ------------------------------------------------------------------------------
-    def recover(self, first: int | None, last: tuple[int, int] | None) -> None:
+    def recover(self, first: int | None, last: tuple[int, int] | None, *, keep_all: bool = False) -> None:
         """Open the segment files. ``last``: (segment, end of its data) of the newest live entry,
         None when no live entry references a segment (then every file is unreferenced);
         ``first``: the segment of the oldest live entry, None if that entry has its data inline
         (a journal of format version 2). Files before ``first`` (promoted) or after ``last``
         (written by a batch that never committed) are deleted, and the newest is cut to its
-        referenced end."""
+        referenced end. ``keep_all`` (the live entries could not be read): every file is
+        opened as it is, and the next write starts a new segment."""
         os.makedirs(self.dir, 0o700, exist_ok=True)
         found = {}
         for name in os.listdir(self.dir):
             if name.endswith(SUFFIX) and name[:-len(SUFFIX)].isdigit():
                 found[int(name[:-len(SUFFIX)])] = os.path.join(self.dir, name)
         for seq, path in sorted(found.items()):
-            if last is None or seq > last[0] or (first is not None and seq < first):
+            if not keep_all and (last is None or seq > last[0] or (first is not None and seq < first)):
                 os.unlink(path)             # promoted, or written by a batch that never committed
                 continue
             fd = os.open(path, os.O_RDWR)
             size = os.fstat(fd).st_size
-            if last is not None and seq == last[0] and size > last[1]:
+            if not keep_all and seq == last[0] and size > last[1]:
                 os.ftruncate(fd, last[1])   # the tail of a batch that never committed
                 size = last[1]
             self._segs[seq] = Segment(seq, path, fd, size)
         self._next = max(found, default=0) + 1
         self._floor = min(self._segs, default=self._next)
-        if last is not None and last[0] in self._segs:
+        if not keep_all and last is not None and last[0] in self._segs:
             self._active = self._segs[last[0]]
         self._fsync_dir()
-
-    def keep_all(self) -> None:
-        """Open every segment file as it is (the live entries could not be read: keep all)."""
-        os.makedirs(self.dir, 0o700, exist_ok=True)
-        for name in sorted(os.listdir(self.dir)):
-            if name.endswith(SUFFIX) and name[:-len(SUFFIX)].isdigit():
-                seq = int(name[:-len(SUFFIX)])
-                path = os.path.join(self.dir, name)
-                fd = os.open(path, os.O_RDWR)
-                self._segs[seq] = Segment(seq, path, fd, os.fstat(fd).st_size)
-                self._next = max(self._next, seq + 1)
-        self._floor = min(self._segs, default=self._next)
 
     # -- the write path -------------------------------------------------------------------------
     def write(self, datas: list) -> list[tuple[int, int]]:
@@ -153,6 +144,13 @@ class Segments:
         return seg
 
     # -- reads ------------------------------------------------------------------------------------
+    def data(self, src, length: int):
+        """The data of an entry from ``records.decode_entry``: inline data as it is, or its
+        segment's bytes, verified (``read``: None if the segment was dropped)."""
+        if isinstance(src, SegmentRef):
+            return self.read(src.seq, src.offset, length, src.digest)
+        return src
+
     def read(self, seq: int, offset: int, length: int, digest: int):
         """The data of an entry, verified: bytes; None if the segment was dropped (promoted
         since the entry record was read); raises ValueError if the segment is missing or the
@@ -205,10 +203,6 @@ class Segments:
     def nbytes(self) -> int:
         with self._lock:
             return sum(s.size for s in self._segs.values())
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self._segs)
 
     def close(self) -> None:
         with self._lock:

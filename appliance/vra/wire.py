@@ -71,10 +71,7 @@ class Compression:
     def __init__(self):
         self._skip = 0          # frames left to send raw
         self._pause = 0         # the pause after the next miss
-        self.tried = self.kept = self.skipped = 0
-
-    def __bool__(self) -> bool:
-        return True
+        self.tried = self.skipped = 0          # frames lz4 ran on, frames sent raw without trying
 
     def pack(self, payload):
         """(payload to send, compressed?)"""
@@ -86,12 +83,10 @@ class Compression:
         packed = lz4.block.compress(payload, store_size=False)
         if len(packed) <= len(payload) * (1 - self.MIN_SAVING):
             self._pause = 0
-            self.kept += 1
             return packed, True
         self._pause = min(self.MAX_SKIP, self._pause * 2 or self.SKIP)
         self._skip = self._pause
         if len(packed) < len(payload):
-            self.kept += 1
             return packed, True
         return payload, False
 
