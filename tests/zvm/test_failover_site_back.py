@@ -36,6 +36,17 @@ def a_vm(lab, name) -> dict:
     return next(v for v in site_vms(lab) if v["name"] == name)
 
 
+def replicates(lab, a, b, vid: str, name: str, seed: int, tag: str, when: str) -> None:
+    """New writes in VM ``name`` reach site-b: at a checkpoint tagged after them, each of its
+    disks there equals the source."""
+    scribble(lab, [a_vm(lab, name)], seed=seed)
+    k = tagged(a, vid, tag)
+    v = a_vm(lab, name)
+    for d in v["disks"]:
+        assert recovery_hash(b, vid, v["instance_uuid"], d["index"], k) == \
+            lab.disk_hash(v["name"], d["index"]), f"{v['name']} disk {d['index']} {when}"
+
+
 def test_protected_site_back_while_the_failover_waits_for_its_commit(zvm_lab, start_zvm):
     lab = zvm_lab
     a = start_zvm("site-a", key="sb-a", **FAST)
@@ -156,19 +167,8 @@ def test_protected_site_back_while_the_failover_waits_for_its_commit(zvm_lab, st
                "the rolled-back VPG to meet its SLA at both sites")
     report = b.ok("GET", f"/v1/reports/recovery/{fo['rollback']}")
     assert report["General"]["Status"] == "Stopped"
-    scribble(lab, [a_vm(lab, names["rollback"])], seed=73)
-    k = tagged(a, vid, "after-rollback")
-    v = a_vm(lab, names["rollback"])
-    for d in v["disks"]:
-        assert recovery_hash(b, vid, v["instance_uuid"], d["index"], k) == \
-            lab.disk_hash(v["name"], d["index"]), f"{v['name']} disk {d['index']} after the rollback"
-
-    scribble(lab, [a_vm(lab, names["down"])], seed=74)
-    k = tagged(a, down, "after-return")
-    v = a_vm(lab, names["down"])
-    for d in v["disks"]:
-        assert recovery_hash(b, down, v["instance_uuid"], d["index"], k) == \
-            lab.disk_hash(v["name"], d["index"]), f"{v['name']} disk {d['index']} after site-a's return"
+    replicates(lab, a, b, vid, names["rollback"], 73, "after-rollback", "after the rollback")
+    replicates(lab, a, b, down, names["down"], 74, "after-return", "after site-a's return")
 
     time.sleep(2)                                   # a few monitor passes on both sites
     assert vpg(a, vids["commit"])["Status"] == 8 and vpg(b, vids["commit"])["Status"] == 8
