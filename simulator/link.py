@@ -188,9 +188,11 @@ class _Conn:
     def finish(self) -> None:
         """All threads are done: close both sockets, an RST unless both directions ended in EOF."""
         graceful = self.eofs == 2 and not self.gone.is_set()
+        # out of the link's count before the peers can see the close: whoever sees the socket
+        # end then never finds it still counted in stats()
+        self.link._forget(self)
         for sock in filter(None, (self.csock, self.tsock)):
             _close(sock, rst=not graceful)
-        self.link._forget(self)
         self.closed.set()
 
 
