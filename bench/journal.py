@@ -10,8 +10,10 @@
     * journal: ``Journal(sync=True).append`` of 64 KiB entries at random 64 KiB-aligned offsets
                of 4 disks (entry + 16 index records + state record per batch, XXH3 checksums).
     Batches of 1, 2 and 4 MiB; a fresh database for each run; MB/s of entry data.
-(b) PIT reads: a journal of N entries of 4 KiB at random 4 KiB-aligned offsets of one 4 GiB disk
-    (checkpoint every 1000 entries; built with sync=False since build speed is not measured
+(b) PIT reads: a journal of N entries of 4 KiB at random 4 KiB-aligned offsets of one 4 GiB disk,
+    ``--pit-layout hot`` (default): in its first N/4 blocks, so that a read meets about as many
+    entries at every N; ``spread``: anywhere on the disk (a short journal then holds almost
+    nothing a read touches, and the read's own work grows with N) (checkpoint every 1000 entries; built with sync=False since build speed is not measured
     here, then memtables flushed and compactions waited for), N = 1e3, 1e5, 1e6 (1e3, 1e4, 1e5
     with --quick). Latency of
     ``Journal.read`` of 64 KiB at a random 4 KiB-aligned offset and a random checkpoint:
@@ -99,23 +101,45 @@ def ingest_journal(path: str, batch: int, total: int, payload: bytes, rng: rando
     return n * batch / dt / 1e6
 
 
-def build_read_journal(path: str, n: int, rng: random.Random, vm: str, disk_size: int):
+HOT_VERSIONS = 4     # "hot" layout: writes per block of the written region, on average
+
+
+def read_region(n: int, disk_size: int, layout: str) -> int:
+    """Bytes at the start of the disk that a journal of ``n`` entries writes (and reads go to).
+
+    ``spread``: the whole disk (4 KiB entries at random offsets of 4 GiB: a short journal
+    holds almost nothing a 64 KiB read touches, a long one several entries per read, so
+    the reads' work itself grows with n). ``hot``: a region of n / HOT_VERSIONS blocks, so
+    that at every length a read meets the same mix (about HOT_VERSIONS versions per block by
+    the end, three quarters of a read's blocks from the journal at a random checkpoint) and
+    only the journal's length differs: what "growing no faster than log n" is about."""
+    if layout == "spread":
+        return disk_size
+    return min(disk_size, max(READ, n // HOT_VERSIONS * 4 * KiB))
+
+
+def build_read_journal(path: str, n: int, rng: random.Random, vm: str, disk_size: int,
+                       layout: str = "spread"):
     j = Journal(path, sync=False)
     j.create_vpg("bench", JournalSettings(replica_dir=path + "-replica"))
     j.register_disk("bench", vm, 0, disk_size)
-    blocks = disk_size // (4 * KiB)
+    blocks = read_region(n, disk_size, layout) // (4 * KiB)
+    # a checkpoint every 1000 entries (every n / 16 for short journals in the hot layout, so
+    # that their reads too land at points spread over their history)
+    every = 1000 if layout == "spread" else max(1, min(1000, n // 16))
+    per_batch = min(256, every)
     payload = os.urandom(8 * KiB)
     t0 = time.perf_counter()
     lsn = 0
     cps = []
     while lsn < n:
         entries = []
-        for _ in range(min(256, n - lsn)):
+        for _ in range(min(per_batch, n - lsn)):
             lsn += 1
             o = lsn % 4096
             entries.append(Entry(Pos(1, lsn), vm, 0, rng.randrange(blocks) * 4 * KiB, payload[o:o + 4 * KiB]))
         new = []
-        if lsn % 1000 < 256 or lsn == n:
+        if lsn % every < per_batch or lsn == n:
             new.append(Checkpoint(len(cps) + 1, Pos(1, lsn), time.time()))
             cps.extend(new)
         j.append("bench", entries, new)
@@ -137,8 +161,11 @@ def settle(j: Journal, limit_s: float = 180.0) -> float:
     return time.perf_counter() - t0
 
 
-def read_latency(j: Journal, cps, vm: str, disk_size: int, reads: int, rng: random.Random) -> dict:
-    blocks = (disk_size - READ) // (4 * KiB)
+def read_latency(j: Journal, cps, vm: str, disk_size: int, reads: int, rng: random.Random,
+                 region: int | None = None) -> dict:
+    """Latency of 64 KiB reads at random 4 KiB-aligned offsets of the first ``region`` bytes
+    (default: the whole disk) at random checkpoints."""
+    blocks = (min(region or disk_size, disk_size) - READ) // (4 * KiB) + 1
     for _ in range(min(200, reads)):                  # warm-up
         j.read("bench", vm, 0, rng.randrange(blocks) * 4 * KiB, READ, rng.choice(cps))
     lat = []
@@ -155,7 +182,7 @@ def read_latency(j: Journal, cps, vm: str, disk_size: int, reads: int, rng: rand
 
 
 def read_latency_during_ingest(j: Journal, cps, vm: str, disk_size: int, reads: int, rng: random.Random,
-                               gil_held: bool) -> dict:
+                               gil_held: bool, region: int | None = None) -> dict:
     """PIT reads while another thread appends 1 MiB batches (16 x 64 KiB) with the WAL fsynced."""
     saved = (j.sync, j._wopt)
     if gil_held:
@@ -184,7 +211,7 @@ def read_latency_during_ingest(j: Journal, cps, vm: str, disk_size: int, reads: 
     time.sleep(0.2)
     t0 = time.perf_counter()
     try:
-        r = read_latency(j, cps, vm, disk_size, reads, rng)
+        r = read_latency(j, cps, vm, disk_size, reads, rng, region)
     finally:
         dt = time.perf_counter() - t0
         stop.set()
@@ -203,6 +230,10 @@ def main() -> int:
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--skip-read", action="store_true")
     ap.add_argument("--sizes", default=None, help="comma separated journal lengths for (b)")
+    ap.add_argument("--pit-layout", choices=("hot", "spread"), default="hot",
+                    help="(b)'s journals: 'hot' (default), n/4 blocks written about 4 times each, so "
+                         "that reads meet the same mix at every length; 'spread', n blocks at random "
+                         "offsets of the whole disk (see read_region)")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval in seconds (Python's default: 0.005)")
     args = ap.parse_args()
@@ -237,18 +268,19 @@ def main() -> int:
             reads = 2000 if args.quick else 5000
             disk_size = 4 * GiB
             vm = str(uuid.UUID(int=rng.getrandbits(128)))
-            say(f"(b) PIT read of 64 KiB at a random checkpoint; 4 KiB entries at random offsets of a 4 GiB disk; "
-                f"{reads} reads per size")
+            say(f"(b) PIT read of 64 KiB at a random checkpoint; 4 KiB entries at random offsets of a 4 GiB disk "
+                f"({args.pit_layout} layout); {reads} reads per size")
             say(f"{'entries':>9} {'build s':>8} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'p50 x':>6} "
                 f"{'log n x':>8}")
             first = None
             for n in sizes:
                 path = os.path.join(base, f"pit{n}")
-                j, cps, build_s = build_read_journal(path, n, rng, vm, disk_size)
-                r = read_latency(j, cps, vm, disk_size, reads, rng)
+                j, cps, build_s = build_read_journal(path, n, rng, vm, disk_size, args.pit_layout)
+                region = read_region(n, disk_size, args.pit_layout)
+                r = read_latency(j, cps, vm, disk_size, reads, rng, region)
                 if n == sizes[-1]:
                     for gil_held in (False, True):
-                        c = read_latency_during_ingest(j, cps, vm, disk_size, reads // 2, rng, gil_held)
+                        c = read_latency_during_ingest(j, cps, vm, disk_size, reads // 2, rng, gil_held, region)
                         c.update(entries=n,
                                  fsync="synced write (GIL held)" if gil_held else "flush_wal (GIL released)")
                         out.setdefault("pit_during_ingest", []).append(c)
