@@ -49,7 +49,14 @@ REC = struct.Struct("<IHHIIQQQ16sQ")
 assert REC.size == 64
 REC_ALIGN = 64
 CONSUMER_SPIN = 0.0005  # how long a consumer polls before it sleeps on the doorbell
-HOT_WINDOW = 8 << 20    # a producer whose consumer keeps up reuses this much of the ring (cache)
+# A producer whose consumer keeps up may reuse only this much of the ring, so that it stays in
+# the CPU caches (``reserve``). Off (0) by default: the PAD that takes the producer back to the
+# start holds the rest of the lap until every record before it is released, and a VRA releases
+# a record only once the recovery site acknowledged it; so at each early wrap the ring is, for
+# that round trip, only a window's size: 8 MiB was 80 ms at 100 MB/s, and one 250 ms journal
+# commit sent the lab's guests to their bitmaps (bench/RESULTS.md). Kept for A/B runs
+# (``bench/simulator.py --hot-window-mib``), where it made no measurable difference either.
+HOT_WINDOW = 0
 
 # Record types.
 WRITE = 1      # a guest write: payload is the data written at (disk, offset)
