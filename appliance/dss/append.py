@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 from rocksdict import WriteBatch
 from xxhash import xxh3_64_intdigest as _xxh3
 
@@ -28,6 +29,8 @@ _INDEX_TAIL = struct.Struct(">QIQ")
 _INDEX_BODY = struct.Struct("<HH")
 _CHECK = struct.Struct("<Q")
 _HASHES = struct.Struct("<HHQ")
+_SMALL = 65536                          # entries up to this size: whole blocks hashed together
+_NO_HASHES = np.zeros(0, dtype=np.uint64)
 
 
 def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], now: float,
@@ -70,6 +73,8 @@ def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], 
                 raise InvalidAppend(v.name, f"checkpoint {cp.id} at {cp.pos} is before the recoverable "
                                          f"history, which starts at {floor}")
         refs = iter(_write_data(j, v, entries))
+        whole = iter(_whole_hashes(entries))
+        updates = []                        # per entry with data: what the hash cache learns
         wb = WriteBatch(raw_mode=True)
         put, ecf, icf = wb.put, j._entries_cf, j._index_cf
         vpg_id = v.id
@@ -89,12 +94,10 @@ def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], 
             end = off + len(data)
             first, last = off >> K.BLOCK_SHIFT, (end - 1) >> K.BLOCK_SHIFT
             prefix = d.prefix
-            # the blocks written whole: [full0, full1), hashed in one kernel call
-            full0 = (off + K.BLOCK - 1) >> K.BLOCK_SHIFT
-            full1 = end >> K.BLOCK_SHIFT
-            hashes = block_hashes(memoryview(data)[(full0 << K.BLOCK_SHIFT) - off:
-                                                   (full1 << K.BLOCK_SHIFT) - off], K.BLOCK).tolist() \
-                if full1 > full0 else ()
+            # the blocks written whole: [full0, full1), hashed by _whole_hashes
+            full0, full1, hashed = next(whole)
+            hashes = hashed.tolist()
+            updates.append(((d.vmb, d.disk), first, last, full0, full1, hashed))
             for b in range(first, last + 1):
                 if full0 <= b < full1:
                     body = _HASHES.pack(0, K.BLOCK, hashes[b - full0])
@@ -119,10 +122,41 @@ def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], 
         v.pending.difference_update(ckeys)
         if progress:
             v.progress.update((s_, int(q)) for s_, q in progress.items())
-        v.durable = prev
+        with v.hashes.lock:                 # the hash cache moves with the durable position
+            v.hashes.note(updates)
+            v.durable = prev
         v.entries += len(entries)
         v.nbytes += added
         return prev
+
+
+def _whole_hashes(entries: list[Entry]) -> list[tuple[int, int, object]]:
+    """Per non-empty entry ``(full0, full1, hashes)``: the blocks ``[full0, full1)`` it writes
+    whole and their hashes (uint64 array). The whole blocks of entries of up to 64 KiB are
+    hashed together in one kernel call (a delta sync's isolated blocks are one entry each: a
+    call per entry cost more than the hashing), bigger ones each in its own."""
+    shift, bs = K.BLOCK_SHIFT, K.BLOCK
+    out, small, at = [], [], 0
+    for e in entries:
+        data, off = e.data, e.offset
+        if not data:
+            continue
+        full0 = (off + bs - 1) >> shift
+        full1 = (off + len(data)) >> shift
+        if full1 <= full0:
+            out.append((full0, full0, _NO_HASHES))
+        elif len(data) > _SMALL:
+            out.append((full0, full1, block_hashes(memoryview(data)[(full0 << shift) - off:
+                                                                    (full1 << shift) - off], bs)))
+        else:
+            part = memoryview(data)[(full0 << shift) - off:(full1 << shift) - off]
+            small.append(part)
+            out.append((full0, full1, (at, at + full1 - full0)))
+            at += full1 - full0
+    if small:
+        hashed = block_hashes(small[0] if len(small) == 1 else b"".join(small), bs)
+        out = [(a, b, hashed[h[0]:h[1]]) if isinstance(h, tuple) else (a, b, h) for a, b, h in out]
+    return out
 
 
 def _write_data(j, v: VpgState, entries: list[Entry]) -> list[tuple[int, int]]:

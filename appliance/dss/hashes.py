@@ -5,6 +5,8 @@ through the point-in-time reader costs a Python pass per block; here the index a
 the index record of a block an entry writes whole carries the block's hash (format version 2,
 ``append.py``), so one forward scan over the range's index keys, parsed with NumPy, gives every
 block whose newest version at the position is a whole-block write, without reading an entry.
+What a scan found is kept in memory per 16 MiB step and kept up to date by every append
+(``hashcache.py``), so the next delta sync of the disk reads no index at all for it.
 What is left comes from elsewhere:
 
 * blocks no entry at or before the position touches: the replica file, hashed in place (only
@@ -17,7 +19,8 @@ before the index scan, so promotion only ever applies entries at or before it, a
 the replica before it deletes what it applied. A block with no version in the scan therefore
 reads the same from the replica at any moment of a promotion, and a block with one is answered
 from the index record's hash, which is the content of that version whatever happens to the
-entry afterwards.
+entry afterwards. The pin also holds a recovery commit (which clears the cache) back until the
+answer is complete.
 """
 from __future__ import annotations
 
@@ -28,10 +31,11 @@ import numpy as np
 from rocksdict import ReadOptions
 
 from appliance import kernels
-from appliance.extents import file_hashes, index_runs, mask_runs
+from appliance.extents import file_hashes, mask_runs
 
 from . import keys as K
 from .errors import JournalCorrupt
+from .hashcache import NONE, PART, STEP_BLOCKS as _STEP, WHOLE, Step
 from .pos import ZERO, Pos
 from .reader import _index_name, check_range, read_at
 
@@ -56,22 +60,67 @@ def image_hashes(j, vpg: str, vm: str, disk: int, offset: int, length: int
     if offset % _BLOCK:
         raise ValueError(f"offset {offset} is not a multiple of {_BLOCK}")
     nb = -(-length // _BLOCK)
-    pos = v.durable or ZERO
-    v.pins.pin(pos)
+    pin = v.durable or ZERO
+    v.pins.pin(pin)            # no recovery commit until unpinned; promotion stays at or before it
     try:
-        hashes, hole = _hashes_at(j, v, d, offset, length, nb, pos)
+        return _hashes(j, v, d, offset, length, nb)
     finally:
-        v.pins.unpin(pos)
+        v.pins.unpin(pin)
+
+
+def _hashes(j, v, d, offset: int, length: int, nb: int):
+    """The blocks' kinds at the durable position from the cache (``hashcache.py``), scanning the
+    index for the steps it does not hold, then the hashes: WHOLE from there, NONE from the
+    replica's pages (holes: zero blocks), PART through the reader."""
+    cache = v.hashes
+    dkey = (d.vmb, d.disk)
+    first = offset >> _SHIFT
+    steps = range(first // _STEP, (first + nb - 1) // _STEP + 1)
+    with cache.lock:
+        pos = v.durable or ZERO                       # >= the pinned position
+        have = {s: cache.get(dkey, s) for s in steps}
+        todo = [s for s in steps if have[s] is None]
+        token = cache.start(dkey, todo) if todo else None
+    if todo:
+        built = {}
+        try:
+            dblocks = -(-d.capacity // _BLOCK)
+            for s in todo:
+                built[s] = _scan(j, v, d, s * _STEP, min(_STEP, dblocks - s * _STEP), pos)
+        finally:
+            cache.finish(dkey, token, built)
+        have.update(built)
+    kind = np.zeros(nb, dtype=np.uint8)
+    hashes = np.zeros(nb, dtype=np.uint64)
+    for s in steps:
+        st = have[s]
+        if st.kind is None:
+            continue
+        lo = s * _STEP
+        a, b = max(first, lo), min(first + nb, lo + _STEP)
+        kind[a - first:b - first] = st.kind[a - lo:b - lo]
+        hashes[a - first:b - first] = st.hash[a - lo:b - lo]
+    if length % _BLOCK and kind[-1] != NONE:
+        kind[-1] = PART          # the range ends inside that block: hashed zero-padded, as read
+    hole = np.zeros(nb, dtype=bool)
+    # blocks no entry at or before pos touches: the replica's bytes (holes: zero blocks)
+    for s, c in mask_runs(kind == NONE):
+        off = offset + s * _BLOCK
+        n = min(c * _BLOCK, offset + length - off)
+        hashes[s:s + c], hole[s:s + c], _ = file_hashes(d.fd, off, n, _BLOCK)
+    # blocks whose newest version wrote part of them (or carries no hash): the reader
+    for s, c in mask_runs(kind == PART):
+        off = offset + s * _BLOCK
+        n = min(c * _BLOCK, offset + length - off)
+        hashes[s:s + c] = kernels.block_hashes(read_at(j, v, d, off, n, pos), _BLOCK)
     return pos, hashes, hole
 
 
-def _hashes_at(j, v, d, offset: int, length: int, nb: int, pos: Pos):
-    first = offset >> _SHIFT
-    hashes = np.zeros(nb, dtype=np.uint64)
-    hole = np.zeros(nb, dtype=bool)
-    # 1. the index (a snapshot as of now): per block, its newest version at or before pos.
-    # Python touches each record once to collect it, then only C-level loops (map, join,
-    # compress): parsing and checking are NumPy and the checksum kernel over all at once.
+def _scan(j, v, d, first: int, nb: int, pos: Pos) -> Step:
+    """Blocks ``[first, first + nb)`` (within the disk) at ``pos`` from one forward scan of the
+    index: per block its newest version at or before ``pos``, NONE, WHOLE (with its hash) or
+    PART. Python touches each record once to collect it, then only C-level loops (map, join,
+    compress): parsing and checking are NumPy and the checksum kernel over all at once."""
     ro = ReadOptions()
     ro.set_iterate_upper_bound(d.prefix + _Q.pack(first + nb))
     keys, vals = [], []
@@ -79,45 +128,36 @@ def _hashes_at(j, v, d, offset: int, length: int, nb: int, pos: Pos):
     for k, val in j._index.items(from_key=d.prefix + _Q.pack(first), read_opt=ro):
         kadd(k)
         vadd(val)
-    from_replica = np.ones(nb, dtype=bool)
-    slow = []                                         # blocks read through the reader
-    if keys:
-        n = len(keys)
-        if set(map(len, keys)) != {K.INDEX_KEY_SIZE}:
-            bad = next(k for k in keys if len(k) != K.INDEX_KEY_SIZE)
-            raise JournalCorrupt(f"index key {bad.hex()}", v.name, "a key of the wrong length")
-        kraw = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(n, K.INDEX_KEY_SIZE)
-        ka = kraw.view(_KEY)[:, 0]
-        blocks = ka["block"].astype(np.int64)
-        gen, lsn = ka["gen"], ka["lsn"]
-        at = (gen < pos.generation) | ((gen == pos.generation) & (lsn <= pos.lsn))
-        idx = np.flatnonzero(at)
-        if idx.size:
-            b_at = blocks[idx]
-            newest = idx[np.append(b_at[1:] != b_at[:-1], True)]     # keys sort by block, pos
-            from_replica[blocks[newest] - first] = False
-            hashed = _verified(kraw, vals, newest, v, d)
-            sel = newest[hashed.mask]
-            if sel.size:
-                if not ((hashed.start == 0) & (hashed.end == _BLOCK)).all():
-                    i = int(sel[np.flatnonzero((hashed.start != 0) | (hashed.end != _BLOCK))[0]])
-                    raise JournalCorrupt(_index_name(keys[i], d), v.name,
-                                         "a block hash on a record of part of its block")
-                hashes[blocks[sel] - first] = hashed.hash
-            slow = (blocks[newest[~hashed.mask]] - first).tolist()   # ascending, as the keys
-    if length % _BLOCK and not from_replica[-1] and (not slow or slow[-1] != nb - 1):
-        slow.append(nb - 1)      # the range ends inside that block: hashed zero-padded, as read
-    # 2. blocks no entry at or before pos touches: the replica's bytes (holes: zero blocks)
-    for s, c in mask_runs(from_replica):
-        off = offset + s * _BLOCK
-        n = min(c * _BLOCK, offset + length - off)
-        hashes[s:s + c], hole[s:s + c], _ = file_hashes(d.fd, off, n, _BLOCK)
-    # 3. blocks whose newest version wrote part of them (or carries no hash): the reader
-    for s, c in index_runs(slow):
-        off = offset + s * _BLOCK
-        n = min(c * _BLOCK, offset + length - off)
-        hashes[s:s + c] = kernels.block_hashes(read_at(j, v, d, off, n, pos), _BLOCK)
-    return hashes, hole
+    st = Step()
+    if not keys:
+        return st
+    n = len(keys)
+    if set(map(len, keys)) != {K.INDEX_KEY_SIZE}:
+        bad = next(k for k in keys if len(k) != K.INDEX_KEY_SIZE)
+        raise JournalCorrupt(f"index key {bad.hex()}", v.name, "a key of the wrong length")
+    kraw = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(n, K.INDEX_KEY_SIZE)
+    ka = kraw.view(_KEY)[:, 0]
+    blocks = ka["block"].astype(np.int64)
+    gen, lsn = ka["gen"], ka["lsn"]
+    at = (gen < pos.generation) | ((gen == pos.generation) & (lsn <= pos.lsn))
+    idx = np.flatnonzero(at)
+    if not idx.size:
+        return st
+    b_at = blocks[idx]
+    newest = idx[np.append(b_at[1:] != b_at[:-1], True)]     # keys sort by block, pos
+    hashed = _verified(kraw, vals, newest, v, d)
+    st.kind = np.zeros(_STEP, dtype=np.uint8)
+    st.hash = np.zeros(_STEP, dtype=np.uint64)
+    st.kind[blocks[newest] - first] = PART
+    sel = newest[hashed.mask]
+    if sel.size:
+        if not ((hashed.start == 0) & (hashed.end == _BLOCK)).all():
+            i = int(sel[np.flatnonzero((hashed.start != 0) | (hashed.end != _BLOCK))[0]])
+            raise JournalCorrupt(_index_name(keys[i], d), v.name,
+                                 "a block hash on a record of part of its block")
+        st.kind[blocks[sel] - first] = WHOLE
+        st.hash[blocks[sel] - first] = hashed.hash
+    return st
 
 
 class _Hashed:

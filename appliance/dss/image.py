@@ -182,7 +182,9 @@ class RecoveryImage:
                     wb.put(v.state_key, v.state_value(sealed=sealed, durable=at, promoted=at, promoting=at,
                                                       entries=0, nbytes=0))
                     j._write(wb, f"commit of an image of VPG {v.name} at {pos}")
-                    v.sealed, v.durable, v.promoted, v.promoting = sealed, at, at, at
+                    with v.hashes.lock:         # the image went back: forget the block hashes
+                        v.hashes.clear()
+                        v.sealed, v.durable, v.promoted, v.promoting = sealed, at, at, at
                     v.entries = v.nbytes = 0
                     v.segs.drop_all()
                     v.pins.floor = pos

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from . import keys as K
 from . import records as R
 from .errors import ImageBusy, NotRecoverable
+from .hashcache import HashCache
 from .pos import ZERO, Pos
 from .settings import JournalSettings
 
@@ -130,6 +131,7 @@ class VpgState:
     promote_lock: threading.Lock = field(default_factory=threading.Lock)
     pins: Pins = None
     segs: object = None                 # segments.Segments: the entries' data
+    hashes: HashCache = field(default_factory=HashCache)   # per-block kinds/hashes at durable
 
     def __post_init__(self):
         self.pins = Pins(self.name, self.floor())

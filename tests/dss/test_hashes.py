@@ -12,7 +12,7 @@ from appliance.dss import Entry, Journal, JournalCorrupt, Pos
 from appliance.dss import keys as K
 from appliance.dss import records as R
 
-from .conftest import CAPACITY, DISKS, T0, VPG, Model, make_journal, promote_while, run_workload
+from .conftest import CAPACITY, DISKS, T0, VPG, Model, make_journal, make_workload, promote_while, run_workload
 
 ZERO = np.uint64(kernels.zero_block_hash(4096))
 
@@ -160,3 +160,107 @@ def test_a_corrupt_hash_record_is_reported_never_served(journal):
     assert any("block hash does not match" in p for p in journal.check(VPG))
     journal._index.put(k, good)
     assert journal.check(VPG) == []
+
+
+# -- the hash cache (hashcache.py): what a scan found, kept up to date by appends -------------
+@pytest.fixture
+def small_steps(monkeypatch):
+    """Steps of 64 blocks, so that the 1 MiB test disks are 4 steps each."""
+    import appliance.dss.hashcache as HC
+    import appliance.dss.hashes as H
+    monkeypatch.setattr(HC, "STEP_BLOCKS", 64)
+    monkeypatch.setattr(H, "_STEP", 64)
+
+
+def test_cached_hashes_follow_appends_promotion_and_a_commit(tmp_path, small_steps):
+    rng = random.Random(34)
+    model = Model()
+    j = make_journal(tmp_path / "db", tmp_path / "rep")
+    try:
+        run_workload(j, model, rng, 150, cp_every=9)
+        v = j._vpg(VPG)
+        ranges = [(0, CAPACITY), (4096 * 60, 4096 * 10 + 5), (CAPACITY - 8192, 8192)]
+        assert_hashes(j, model, ranges)                      # scans: the steps are cached now
+        assert len(v.hashes._steps) == 4 * len(DISKS) and not v.hashes._building
+        for _ in range(3):                                   # answered from the cache, kept up to date
+            run_workload(j, model, rng, 60, cp_every=9)
+            assert_hashes(j, model, ranges)
+        # isolated whole blocks (a delta sync's) over partial writes and the other way round
+        lsn = j.durable_pos(VPG).lsn
+        es = []
+        for b in rng.sample(range(CAPACITY // 4096), 40):
+            lsn += 1
+            vm, disk = rng.choice(DISKS)
+            es.append(Entry(Pos(1, lsn), vm, disk, b * 4096, rng.randbytes(4096)))
+        for _ in range(10):
+            lsn += 1
+            vm, disk = rng.choice(DISKS)
+            es.append(Entry(Pos(1, lsn), vm, disk, rng.randrange(CAPACITY - 5000), rng.randbytes(5000)))
+        j.append(VPG, es, [], time=T0 + lsn)
+        model.log.extend(es)
+        model.times.extend([T0 + lsn] * len(es))
+        assert_hashes(j, model, ranges)
+        # promotion moves entries into the replicas: the image, and its hashes, stay
+        pos = j.durable_pos(VPG)
+        assert j.promote(VPG, now=T0 + pos.lsn // 2 + j.settings(VPG).history_s) > 0
+        assert_hashes(j, model, ranges)
+        # a small cache: steps are dropped and scanned again
+        v.hashes.max_steps = 3
+        with v.hashes.lock:
+            v.hashes.clear()
+        assert_hashes(j, model, ranges)
+        assert len(v.hashes._steps) <= 3
+        # a commit at an older checkpoint drops the entries after it: the cache forgets them
+        cp = model.checkpoints[-3]
+        vm, disk = DISKS[0]
+        img = j.image(VPG, vm, disk, cp, str(tmp_path / "scratch"))
+        img.commit()
+        assert not v.hashes._steps
+        del model.log[cp.pos.lsn:]
+        assert_hashes(j, model, ranges)
+        assert j.check(VPG) == []
+    finally:
+        j.close()
+
+
+def test_cached_hashes_are_the_image_at_their_position_while_appends_run(tmp_path, small_steps):
+    """Appends in one thread, hashes in two: every answer is the image at the position it names."""
+    import threading
+    rng = random.Random(35)
+    model = Model()
+    j = make_journal(tmp_path / "db", tmp_path / "rep")
+    try:
+        run_workload(j, model, rng, 40, cp_every=9)
+        batches = make_workload(model, rng, 400, cp_every=9, first_lsn=j.durable_pos(VPG).lsn + 1)
+        stop = threading.Event()
+        errors, answers = [], []
+
+        def hasher(seed):
+            r = random.Random(seed)
+            while not stop.is_set():
+                if r.random() < 0.3:                     # scans again, appends running meanwhile
+                    with j._vpg(VPG).hashes.lock:
+                        j._vpg(VPG).hashes.clear()
+                vm, disk = r.choice(DISKS)
+                off = r.randrange(CAPACITY // 4096) * 4096
+                n = min(CAPACITY - off, r.randrange(1, CAPACITY))
+                pos, h, _ = j.image_hashes(VPG, vm, disk, off, n)
+                answers.append(pos)
+                if not np.array_equal(h, want_hashes(model, pos, vm, disk, off, n)):
+                    errors.append((pos, vm, disk, off, n))
+
+        ths = [threading.Thread(target=hasher, args=(i,)) for i in range(2)]
+        for t in ths:
+            t.start()
+        try:
+            for batch, cps, t in batches:
+                j.append(VPG, batch, cps, time=t)
+        finally:
+            stop.set()
+            for t in ths:
+                t.join(60)
+        assert not errors, errors[:3]
+        assert len(set(answers)) > 5                     # hashed at many positions along the way
+        assert_hashes(j, model)
+    finally:
+        j.close()
