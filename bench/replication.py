@@ -273,6 +273,9 @@ class Rig:
                 roles["hosts" if "simulator.host" in c else "sites and WAN link"].append(p)
         return roles
 
+    def journal_appends(self) -> dict | None:
+        return self.rec.call("GET", "/v1/status")["recovery"].get("journal_appends")
+
     def journal_bytes(self) -> int:
         return int(self.rec.call("GET", f"/v1/recovery/vpgs/{VPG}/usage")["bytes"])
 
@@ -379,26 +382,43 @@ def measure_sustained(rig: Rig, vms, rates, warm_s: float, window_s: float, say)
         try:
             time.sleep(warm_s)
             m0, b0, t0 = rig.mirrored_bytes(), rig.journal_bytes(), time.monotonic()
-            c0 = _cpu(roles)
+            c0, a0 = _cpu(roles), rig.journal_appends()
             time.sleep(window_s)
             m1, b1, t1 = rig.mirrored_bytes(), rig.journal_bytes(), time.monotonic()
-            c1 = _cpu(roles)
+            c1, a1 = _cpu(roles), rig.journal_appends()
         finally:
             rig.workloads(vms, "stop")
         bw = rig.bitmap_writes() - bw0
         wrote, durable = (m1 - m0) / (t1 - t0) / 1e6, (b1 - b0) / (t1 - t0) / 1e6
         kept = bw == 0 and durable >= 0.95 * wrote
         cpu = {r: round((c1[r] - c0[r]) / (t1 - t0) * 100, 1) for r in c0}
+        appends = _appends_between(a0, a1)
         steps.append({"offered_mbps": rate, "written_mbps": wrote, "durable_mbps": durable,
-                      "bitmap_writes": bw, "kept_up": kept, "cpu_percent": cpu})
+                      "bitmap_writes": bw, "kept_up": kept, "cpu_percent": cpu, "journal_appends": appends})
         say(f"    offered {rate:6.1f} MB/s: guests wrote {wrote:6.1f}, durable {durable:6.1f} MB/s, "
             f"{bw} writes to bitmaps: {'kept up' if kept else 'fell behind'}")
         say("      CPU % of one core: " + ", ".join(f"{r} {c:.0f}" for r, c in cpu.items()) +
             f"; all {sum(cpu.values()):.0f} of {os.cpu_count() * 100}")
+        if appends:
+            say(f"      journal appends: {appends['appends']}, mean {appends['mean_ms']:.0f} ms, "
+                f"{appends['stalls']} over {appends['stall_threshold_s'] * 1e3:.0f} ms; seconds per step: " +
+                ", ".join(f"{k} {v:.2f}" for k, v in appends["step_seconds"].items()))
         if not kept:
             break
         best = max(best, durable)
     return best, steps
+
+
+def _appends_between(a0: dict | None, a1: dict | None) -> dict | None:
+    """The recovery journal's append timings (``GET /v1/status``) over a window: appends, mean,
+    stalls, seconds spent in each step (docs/vra.md); None from a VRA without them."""
+    if not a0 or not a1:
+        return None
+    n = a1["appends"] - a0["appends"]
+    return {"appends": n, "mean_ms": (a1["seconds"] - a0["seconds"]) / n * 1e3 if n else 0.0,
+            "stalls": a1["stalls"] - a0["stalls"], "stall_threshold_s": a1["stall_threshold_s"],
+            "histogram": [c1 - c0 for c0, c1 in zip(a0["histogram"]["counts"], a1["histogram"]["counts"])],
+            "step_seconds": {k: a1["steps"][k]["seconds"] - a0["steps"][k]["seconds"] for k in a1["steps"]}}
 
 
 def _cpu(roles: dict) -> dict:

@@ -11,6 +11,7 @@ delta sync learns the image's hashes from the index without reading entries (``h
 from __future__ import annotations
 
 import struct
+import time
 
 import numpy as np
 from rocksdict import WriteBatch
@@ -36,98 +37,106 @@ _NO_HASHES = np.zeros(0, dtype=np.uint64)
 def append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], now: float,
            progress: dict[str, int] | None) -> Pos | None:
     with v.write_lock:
-        j._check_writable()
-        durable = v.durable
-        prev = durable
-        disks = []
-        for e in entries:
-            p = e.pos
-            if prev is not None and p <= prev:
-                if durable is not None and p <= durable:
-                    raise DuplicateEntry(p, v.name, durable)
-                raise InvalidAppend(v.name, f"entry {p} does not follow entry {prev} of the same batch")
-            if prev is not None and p.generation == prev.generation:
-                if p.lsn != prev.lsn + 1:
-                    raise StreamGap(p, v.name, durable, f"lsn {prev.lsn + 1} expected")
-            elif p.lsn != 1:
-                raise StreamGap(p, v.name, durable, "a generation starts at lsn 1")
-            if p.generation <= v.sealed:
-                raise StreamGap(p, v.name, durable, f"generations up to {v.sealed} were closed by a "
-                                                 "recovery commit")
-            d = j._disk(v, e.vm, e.disk)
-            if e.offset < 0 or e.offset + len(e.data) > d.capacity:
-                raise InvalidAppend(v.name, f"entry {p} writes {len(e.data)} bytes at offset {e.offset} "
-                                         f"of a {d.capacity}-byte disk")
-            disks.append(d)
-            prev = p
-        if prev is None and checkpoints and all(cp.pos.lsn == 0 for cp in checkpoints):
-            # Nothing journaled yet: a checkpoint at (generation, 0) is the replicas as they are
-            # (an idle VPG, or an initial sync that found nothing to send). It makes that
-            # position durable, and the generation's first entry follows it at lsn 1.
-            prev = max(cp.pos for cp in checkpoints)
-        floor = v.pins.floor
-        for cp in checkpoints:
-            if prev is None or cp.pos > prev:
-                raise InvalidAppend(v.name, f"checkpoint {cp.id} at {cp.pos} is after the last entry {prev}")
-            if cp.pos < floor:
-                raise InvalidAppend(v.name, f"checkpoint {cp.id} at {cp.pos} is before the recoverable "
-                                         f"history, which starts at {floor}")
-        refs = iter(_write_data(j, v, entries))
-        whole = iter(_whole_hashes(entries))
-        updates = []                        # per entry with data: what the hash cache learns
-        wb = WriteBatch(raw_mode=True)
-        put, ecf, icf = wb.put, j._entries_cf, j._index_cf
-        vpg_id = v.id
-        added = 0
-        for e, d in zip(entries, disks):
-            gen, lsn = e.pos.generation, e.pos.lsn
-            ekey = _ENTRY_KEY.pack(vpg_id, gen, lsn)
-            data, off = e.data, e.offset
-            added += entry_cost(len(data), off)
-            if not data:
-                put(ekey, R.encode_entry(ekey, d.vmb, e.disk, off, data, now), ecf)
-                continue
-            seq, at = next(refs)
-            put(ekey, R.encode_entry_ref(ekey, d.vmb, e.disk, off, len(data), now, seq, at, _xxh3(data)),
-                ecf)
-            # one index record per 4 KiB block written: [start, end) of the block
-            end = off + len(data)
-            first, last = off >> K.BLOCK_SHIFT, (end - 1) >> K.BLOCK_SHIFT
-            prefix = d.prefix
-            # the blocks written whole: [full0, full1), hashed by _whole_hashes
-            full0, full1, hashed = next(whole)
-            hashes = hashed.tolist()
-            updates.append(((d.vmb, d.disk), first, last, full0, full1, hashed))
-            for b in range(first, last + 1):
-                if full0 <= b < full1:
-                    body = _HASHES.pack(0, K.BLOCK, hashes[b - full0])
-                else:
-                    base = b << K.BLOCK_SHIFT
-                    body = _INDEX_BODY.pack(off - base if off > base else 0,
-                                            end - base if end < base + K.BLOCK else K.BLOCK)
-                ikey = prefix + _INDEX_TAIL.pack(b, gen, lsn)
-                put(ikey, _CHECK.pack(_xxh3(ikey + body)) + body, icf)
-        ckeys = []
-        for cp in checkpoints:
-            ckey = K.format_checkpoint_key(vpg_id, cp.pos, cp.id)
-            wb.put(ckey, R.encode_checkpoint(ckey, cp.time, cp.tag))
-            ckeys.append(ckey)
-        wb.put(v.state_key, v.state_value(durable=prev, entries=v.entries + len(entries),
-                                          nbytes=v.nbytes + added))
-        for source, seq in (progress or {}).items():
-            pkey = K.format_progress_key(vpg_id, source)
-            wb.put(pkey, R.encode_progress(pkey, int(seq)))
-        v.pending.update(ckeys)             # visible before durable: hidden until the fsync
-        j._write(wb, f"append to VPG {v.name}")
-        v.pending.difference_update(ckeys)
-        if progress:
-            v.progress.update((s_, int(q)) for s_, q in progress.items())
-        with v.hashes.lock:                 # the hash cache moves with the durable position
-            v.hashes.note(updates)
-            v.durable = prev
-        v.entries += len(entries)
-        v.nbytes += added
-        return prev
+        t0 = time.perf_counter()
+        out = _append(j, v, entries, checkpoints, now, progress)
+        j.timings.append(time.perf_counter() - t0, sum(len(e.data) for e in entries))
+        return out
+
+
+def _append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint], now: float,
+            progress: dict[str, int] | None) -> Pos | None:
+    j._check_writable()
+    durable = v.durable
+    prev = durable
+    disks = []
+    for e in entries:
+        p = e.pos
+        if prev is not None and p <= prev:
+            if durable is not None and p <= durable:
+                raise DuplicateEntry(p, v.name, durable)
+            raise InvalidAppend(v.name, f"entry {p} does not follow entry {prev} of the same batch")
+        if prev is not None and p.generation == prev.generation:
+            if p.lsn != prev.lsn + 1:
+                raise StreamGap(p, v.name, durable, f"lsn {prev.lsn + 1} expected")
+        elif p.lsn != 1:
+            raise StreamGap(p, v.name, durable, "a generation starts at lsn 1")
+        if p.generation <= v.sealed:
+            raise StreamGap(p, v.name, durable, f"generations up to {v.sealed} were closed by a "
+                                             "recovery commit")
+        d = j._disk(v, e.vm, e.disk)
+        if e.offset < 0 or e.offset + len(e.data) > d.capacity:
+            raise InvalidAppend(v.name, f"entry {p} writes {len(e.data)} bytes at offset {e.offset} "
+                                     f"of a {d.capacity}-byte disk")
+        disks.append(d)
+        prev = p
+    if prev is None and checkpoints and all(cp.pos.lsn == 0 for cp in checkpoints):
+        # Nothing journaled yet: a checkpoint at (generation, 0) is the replicas as they are
+        # (an idle VPG, or an initial sync that found nothing to send). It makes that
+        # position durable, and the generation's first entry follows it at lsn 1.
+        prev = max(cp.pos for cp in checkpoints)
+    floor = v.pins.floor
+    for cp in checkpoints:
+        if prev is None or cp.pos > prev:
+            raise InvalidAppend(v.name, f"checkpoint {cp.id} at {cp.pos} is after the last entry {prev}")
+        if cp.pos < floor:
+            raise InvalidAppend(v.name, f"checkpoint {cp.id} at {cp.pos} is before the recoverable "
+                                     f"history, which starts at {floor}")
+    refs = iter(_write_data(j, v, entries))
+    whole = iter(_whole_hashes(entries))
+    updates = []                        # per entry with data: what the hash cache learns
+    wb = WriteBatch(raw_mode=True)
+    put, ecf, icf = wb.put, j._entries_cf, j._index_cf
+    vpg_id = v.id
+    added = 0
+    for e, d in zip(entries, disks):
+        gen, lsn = e.pos.generation, e.pos.lsn
+        ekey = _ENTRY_KEY.pack(vpg_id, gen, lsn)
+        data, off = e.data, e.offset
+        added += entry_cost(len(data), off)
+        if not data:
+            put(ekey, R.encode_entry(ekey, d.vmb, e.disk, off, data, now), ecf)
+            continue
+        seq, at = next(refs)
+        put(ekey, R.encode_entry_ref(ekey, d.vmb, e.disk, off, len(data), now, seq, at, _xxh3(data)),
+            ecf)
+        # one index record per 4 KiB block written: [start, end) of the block
+        end = off + len(data)
+        first, last = off >> K.BLOCK_SHIFT, (end - 1) >> K.BLOCK_SHIFT
+        prefix = d.prefix
+        # the blocks written whole: [full0, full1), hashed by _whole_hashes
+        full0, full1, hashed = next(whole)
+        hashes = hashed.tolist()
+        updates.append(((d.vmb, d.disk), first, last, full0, full1, hashed))
+        for b in range(first, last + 1):
+            if full0 <= b < full1:
+                body = _HASHES.pack(0, K.BLOCK, hashes[b - full0])
+            else:
+                base = b << K.BLOCK_SHIFT
+                body = _INDEX_BODY.pack(off - base if off > base else 0,
+                                        end - base if end < base + K.BLOCK else K.BLOCK)
+            ikey = prefix + _INDEX_TAIL.pack(b, gen, lsn)
+            put(ikey, _CHECK.pack(_xxh3(ikey + body)) + body, icf)
+    ckeys = []
+    for cp in checkpoints:
+        ckey = K.format_checkpoint_key(vpg_id, cp.pos, cp.id)
+        wb.put(ckey, R.encode_checkpoint(ckey, cp.time, cp.tag))
+        ckeys.append(ckey)
+    wb.put(v.state_key, v.state_value(durable=prev, entries=v.entries + len(entries),
+                                      nbytes=v.nbytes + added))
+    for source, seq in (progress or {}).items():
+        pkey = K.format_progress_key(vpg_id, source)
+        wb.put(pkey, R.encode_progress(pkey, int(seq)))
+    v.pending.update(ckeys)             # visible before durable: hidden until the fsync
+    j._write(wb, f"append to VPG {v.name}")
+    v.pending.difference_update(ckeys)
+    if progress:
+        v.progress.update((s_, int(q)) for s_, q in progress.items())
+    with v.hashes.lock:                 # the hash cache moves with the durable position
+        v.hashes.note(updates)
+        v.durable = prev
+    v.entries += len(entries)
+    v.nbytes += added
+    return prev
 
 
 def _whole_hashes(entries: list[Entry]) -> list[tuple[int, int, object]]:

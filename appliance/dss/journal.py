@@ -46,6 +46,7 @@ from .errors import DSSError, JournalCorrupt, UnknownDisk, UnknownVPG
 from .pos import ZERO, Checkpoint, Entry, Pos
 from .settings import JournalSettings
 from .state import DiskInfo, VpgState
+from .timings import AppendTimings
 
 
 class Journal:
@@ -65,6 +66,7 @@ class Journal:
         self._seg_root = os.path.join(path, "segments")
         self._index_cf = self._db.get_column_family_handle(store.INDEX_CF)
         self._wopt = store.write_options(False)      # durability: see _write
+        self.timings = AppendTimings()          # how long appends take, step by step
         self._lock = threading.Lock()          # the VPG registry and the format record
         self._vpgs: dict[str, VpgState] = {}
         self._failed: BaseException | None = None
@@ -103,7 +105,7 @@ class Journal:
                 "state record", name, R.decode_state, skey, self._db.get(skey))
             v = VpgState(name, vpg_id, JournalSettings.from_dict(settings), sealed, durable, promoted,
                          promoting, entries, nbytes)
-            v.segs = Segments(self._seg_root, vpg_id, self.sync)
+            v.segs = Segments(self._seg_root, vpg_id, self.sync, self.timings)
             self._recover_segments(v)
             lo, hi = K.disk_key_range(vpg_id)
             it = self._db.iter()
@@ -179,7 +181,7 @@ class Journal:
                 exists = False
                 vpg_id = self._next_id
                 v = VpgState(vpg, vpg_id, replace(settings))
-                v.segs = Segments(self._seg_root, vpg_id, self.sync)
+                v.segs = Segments(self._seg_root, vpg_id, self.sync, self.timings)
                 v.segs.recover(None, None)          # leftovers of a deleted VPG of that id: none
                 os.makedirs(settings.replica_dir, exist_ok=True)
                 wb = self._batch_put(None, K.format_vpg_key(vpg),
@@ -421,10 +423,15 @@ class Journal:
         listings skip checkpoints of appends in flight. A failure poisons the Journal for writes.
         """
         self._check_writable()
+        clock = _time.perf_counter
         try:
+            t0 = clock()
             self._db.write(wb, self._wopt)
+            t1 = clock()
+            self.timings.step("db_write", t1 - t0)
             if self.sync:
                 self._db.flush_wal(True)
+                self.timings.step("wal_sync", clock() - t1)
         except Exception as exc:
             self._failed = exc
             raise DSSError(f"{step}: journal write failed: {exc}") from exc

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 
 from xxhash import xxh3_64_intdigest as _xxh3
 
@@ -54,9 +55,10 @@ class Segment:
 class Segments:
     """The segment files of one VPG. ``write`` is called under the VPG's write lock."""
 
-    def __init__(self, root: str, vpg_id: int, sync: bool):
+    def __init__(self, root: str, vpg_id: int, sync: bool, timings=None):
         self.dir = os.path.join(root, f"{vpg_id:08d}")
         self.sync = sync
+        self.timings = timings          # an AppendTimings (data_write, data_sync), or None
         self._lock = threading.Lock()
         self._segs: dict[int, Segment] = {}
         self._active: Segment | None = None
@@ -108,6 +110,7 @@ class Segments:
             out.append((seg.seq, at))
             at += len(d)
         pos = seg.size
+        t0 = time.perf_counter()
         for i in range(0, len(datas), _IOV_MAX):
             chunk = datas[i:i + _IOV_MAX]
             want = sum(len(d) for d in chunk)
@@ -121,12 +124,17 @@ class Segments:
                     n += k
                     rest = rest[k:]
             pos += want
+        t1 = time.perf_counter()
         if self.sync:
             try:
                 os.fdatasync(seg.fd)
             except OSError as exc:
                 exc.fsync = True        # the file's content is unknown now: the caller poisons
                 raise
+        if self.timings is not None:
+            self.timings.step("data_write", t1 - t0)
+            if self.sync:
+                self.timings.step("data_sync", time.perf_counter() - t1)
         seg.size = pos
         return out
 

@@ -27,6 +27,7 @@ DELTA_BLOCK = 4096              # delta sync block: the journal's index granular
 DELTA_CHUNK = 64 << 20          # source bytes hashed and compared per step
 MAX_HASH_SPAN = 256 << 20       # most disk bytes one hashes request covers
 AHEAD_CHUNKS = 8                # recovery-side hashes of chunks held before this side compares them
+HASH_THREADS = 2                # source chunks hashed at once (the kernels release the GIL)
 _FRAME = struct.Struct("<II")   # a frame of a binary hashes answer: blocks, zero runs
 _FRAME_ERROR = 0xFFFFFFFF       # ... or an error frame: the marker, the message's length
 
@@ -379,6 +380,8 @@ class VRA:
         # order) while the comparison goes on. Any timing of the three is correct
         # (docs/FORMAT.md, "Delta sync": the host re-reads each block under its lock).
         import queue
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
         offs = list(range(0, cap, DELTA_CHUNK))
         stop = threading.Event()
         failed = threading.Event()                        # the sync gave up: send nothing more
@@ -392,11 +395,23 @@ class VRA:
         try:
             try:
                 fd = os.open(path, os.O_RDONLY)
+                # the source's chunks are hashed by HASH_THREADS threads, in order of offset,
+                # up to HASH_THREADS chunks ahead of the comparison
+                pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="delta-hash")
+                hashing: deque = deque()
+                ahead = iter(offs)
+
+                def hash_next():
+                    o = next(ahead, None)
+                    if o is not None:               # mapped (read only if it cannot be)
+                        hashing.append(pool.submit(file_hashes, fd, o, min(DELTA_CHUNK, cap - o), bs))
                 try:
+                    for _ in range(HASH_THREADS):
+                        hash_next()
                     for off in offs:
-                        n = min(DELTA_CHUNK, cap - off)
                         t_hash = time.monotonic()
-                        src, src_hole, nread = file_hashes(fd, off, n, bs)      # mapped (read only if it cannot be)
+                        src, src_hole, nread = hashing.popleft().result()
+                        hash_next()
                         t_wait = time.monotonic()
                         out["bytes_read"] += nread
                         got = next_fetched()
@@ -420,6 +435,7 @@ class VRA:
                             first = off // bs
                             todo.put([[first + s, c] for s, c in index_runs(diff)])
                 finally:
+                    pool.shutdown(wait=True, cancel_futures=True)
                     os.close(fd)
             except BaseException:
                 failed.set()
@@ -537,6 +553,7 @@ class VRA:
                 "protected": self.protected.status() if self.protected else None,
                 "recovery": {"address": list(self.receiver.address),
                              "vpgs": {v: self.rpo(v) for v in self.journal.vpgs()},
+                             "journal_appends": self.journal.timings.snapshot(),
                              "alerts": self.alerts} if self.receiver else None,
                 "coordinators": {v: {"taken": c.taken, "invalid": c.invalid, "last": c.last}
                                  for v, c in self.coordinators.items()},

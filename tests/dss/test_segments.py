@@ -216,3 +216,28 @@ def test_a_format_2_journal_opens_and_its_inline_entries_mix_with_segments(tmp_p
             assert (tmp_path / "rep" / vm / f"disk{disk}.img").read_bytes() == at[(vm, disk)]
     finally:
         j.close()
+
+
+def test_append_timings_count_every_step(tmp_path):
+    """Journal.timings: each append timed as a whole and by step, as GET /v1/status shows it."""
+    rng = random.Random(43)
+    model = Model()
+    j = make_journal(tmp_path / "db", tmp_path / "rep", sync=True)
+    try:
+        before = j.timings.snapshot()["appends"]
+        run_workload(j, model, rng, 30)
+        snap = j.timings.snapshot()
+        n = snap["appends"] - before
+        assert n > 0
+        assert sum(snap["histogram"]["counts"]) == snap["appends"]
+        assert len(snap["histogram"]["counts"]) == len(snap["histogram"]["le_s"])
+        assert snap["bytes"] > 0 and snap["max_s"] > 0 and snap["seconds"] >= snap["max_s"]
+        steps = snap["steps"]
+        # every append writes RocksDB (and fsyncs its WAL); the ones with data also write and
+        # fdatasync a segment
+        assert steps["db_write"]["count"] >= n and steps["wal_sync"]["count"] >= n
+        assert 0 < steps["data_write"]["count"] == steps["data_sync"]["count"] <= n
+        assert all(s["seconds"] >= s["max_s"] >= 0 for s in steps.values())
+    finally:
+        j.close()
+
