@@ -387,6 +387,40 @@ class Vpgs:
         return self.vra_call(vra, "POST", f"/v1/protected/vpgs/{vpg['identifier']}/checkpoints",
                              json={"tag": tag} if tag else {})
 
+    def valid_checkpoint(self, vpg: dict, tag: str | None, deadline: float, *, step_s: float = 0.5,
+                         retry_errors: bool = False) -> dict:
+        """Take checkpoints until one is valid (none is while a delta sync runs or a VM has
+        dirty blocks): the leader's answer ``{id, valid, ...}``. ``retry_errors``: a ZVM error
+        of the leader (it may still be starting its coordinator) counts as one invalid try.
+        Conflict if none is valid by ``deadline`` (time.monotonic)."""
+        while True:
+            try:
+                cp = self.take_checkpoint(vpg, tag)
+            except ZVMError as exc:
+                if not retry_errors:
+                    raise
+                cp = {"valid": False, "problems": [str(exc)]}
+            if cp.get("valid"):
+                return cp
+            if time.monotonic() > deadline:
+                raise Conflict(f"VPG {vpg['name']} took no valid checkpoint in time (the last one: "
+                               f"{'; '.join(cp.get('problems') or []) or 'not valid'})")
+            time.sleep(step_s)
+
+    def wait_recoverable(self, vpg: dict, cp_id, deadline: float, *, required: bool = True) -> dict | None:
+        """The recovery site's listing entry ``{id, time, tag}`` of checkpoint ``cp_id`` once it is
+        recoverable (every write before it durable there). By ``deadline``: Unavailable, or
+        None when not ``required``."""
+        while True:
+            got = next((c for c in self.checkpoints(vpg) if c["id"] == cp_id), None)
+            if got is not None:
+                return got
+            if time.monotonic() > deadline:
+                if not required:
+                    return None
+                raise Unavailable(f"checkpoint {cp_id} of VPG {vpg['name']} did not become recoverable in time")
+            time.sleep(0.3)
+
     # ------------------------------------------------------------------ recovery side
     def check_recovery(self, settings: dict, vms: list[dict]) -> None:
         """At the recovery site: the hosts, datastores, networks and folder the settings name

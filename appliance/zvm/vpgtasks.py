@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from .errors import Conflict, Unavailable, ZVMError
+from .errors import Conflict, ZVMError
 from .tasks import Operation, operation
 from .vpgs import (DELETING, INITIALIZING, MEETING_SLA, SUB_INITIAL_SYNC, SUB_NONE)
 
@@ -56,21 +56,10 @@ class VpgOp(Operation):
                   f"leader {vpg['leader']}")
 
     def wait_valid_checkpoint(self, tag: str | None = None) -> dict:
-        """Take checkpoints until one is valid (none is while a sync runs), then wait until the
-        recovery VRA lists it as recoverable."""
+        """A valid checkpoint taken now, once the recovery VRA lists it as recoverable."""
         deadline = time.monotonic() + CHECKPOINT_WAIT_S
-        while True:
-            cp = self.vpgs.take_checkpoint(self.vpg(), tag)
-            if cp.get("valid"):
-                break
-            if time.monotonic() > deadline:
-                raise Conflict("no valid checkpoint within a minute (the last one: "
-                               f"{'; '.join(cp.get('problems') or []) or 'not valid'})")
-            time.sleep(0.5)
-        while not any(c["id"] == cp["id"] for c in self.vpgs.checkpoints(self.vpg())):
-            if time.monotonic() > deadline:
-                raise Unavailable(f"checkpoint {cp['id']} did not become recoverable in time")
-            time.sleep(0.3)
+        cp = self.vpgs.valid_checkpoint(self.vpg(), tag, deadline)
+        self.vpgs.wait_recoverable(self.vpg(), cp["id"], deadline)
         return cp
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import time
 
-from ..errors import BadRequest, Conflict, NotFound, ZVMError
+from ..errors import BadRequest, Conflict, NotFound
 from ..hypervisor.errors import NotFound as HvNotFound
 from ..vpgs import INITIALIZING, MEETING_SLA, SUB_DELTA_SYNC, SUB_NONE
 from ..vpgsettings import nic_id, volume_id
@@ -239,19 +239,9 @@ class ReverseSteps:
         recoverable checkpoint."""
         vpg = self.vpg()
         deadline = time.monotonic() + CHECKPOINT_WAIT_S
-        while True:
-            try:
-                cp = self.vpgs.take_checkpoint(vpg)
-            except ZVMError as exc:       # the leader may still be starting its coordinator
-                cp = {"valid": False, "problems": [str(exc)]}
-            if cp.get("valid"):
-                break
-            if time.monotonic() > deadline:
-                raise Conflict("the reversed VPG took no valid checkpoint in time: "
-                               f"{'; '.join(cp.get('problems') or []) or 'not valid'}")
-            time.sleep(0.5)
-        recoverable = any(c["id"] == cp["id"] for c in
-                          self._wait_recoverable(cp, min(deadline, time.monotonic() + 10)))
+        cp = self.vpgs.valid_checkpoint(vpg, None, deadline, retry_errors=True)
+        recoverable = self.vpgs.wait_recoverable(vpg, cp["id"], min(deadline, time.monotonic() + 10),
+                                                 required=False) is not None
         self.note(f"checkpoint {cp['id']} valid" + ("" if recoverable else
                   "; not recoverable yet: nothing was journaled since the sync (the replicas "
                   "equal the disks), the first write makes the first recoverable checkpoint"))
@@ -265,9 +255,3 @@ class ReverseSteps:
                                f"site (delta sync sent {sent} blocks)",
                                entity="VPG", vpg=self.vpgs.link(vpg), user=self.task.get("initiatedBy", ""))
 
-    def _wait_recoverable(self, cp: dict, deadline: float) -> list[dict]:
-        while True:
-            cps = self.vpgs.checkpoints(self.vpg())
-            if any(c["id"] == cp["id"] for c in cps) or time.monotonic() > deadline:
-                return cps
-            time.sleep(0.3)

@@ -74,21 +74,8 @@ class SourceSide:
         write before it is durable there."""
         vpg = self._vpg(vpg_id)
         deadline = time.monotonic() + timeout_s
-        while True:
-            cp = self.vpgs.take_checkpoint(vpg, tag)
-            if cp.get("valid"):
-                break
-            if time.monotonic() > deadline:
-                raise Conflict("no valid checkpoint in time (the last one: "
-                               f"{'; '.join(cp.get('problems') or []) or 'not valid'})")
-            time.sleep(0.3)
-        while True:
-            got = next((c for c in self.vpgs.checkpoints(vpg) if c["id"] == cp["id"]), None)
-            if got:
-                return got
-            if time.monotonic() > deadline:
-                raise Unavailable(f"checkpoint {cp['id']} did not become recoverable in time")
-            time.sleep(0.2)
+        cp = self.vpgs.valid_checkpoint(vpg, tag, deadline, step_s=0.3)
+        return self.vpgs.wait_recoverable(vpg, cp["id"], deadline)
 
     def stop(self, vpg_id: str) -> None:
         self.vpgs.unprotect(self._vpg(vpg_id))
