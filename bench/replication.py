@@ -525,6 +525,9 @@ def measure_delta_sync(rig: Rig, base: Path, say, notes) -> tuple[float | None, 
     old = time.time() - 86400                       # so that rsync does not skip it by size + mtime
     os.utime(dst, (old, old))
     nchanged = _change_blocks(path, size, rng)
+    # as run_rsync does before its run: the copy's 2 GiB of dirty pages go to the disk now,
+    # not during the delta sync, whose journal fsyncs would wait behind them
+    os.sync()
     load = os.getloadavg()
     t0 = time.perf_counter()
     r = prot.call("POST", f"/v1/protected/vpgs/{VPG}/sync", json=body, timeout=1800)
