@@ -160,9 +160,12 @@ class Coordinator:
                     valid = False
                     problems.append(f"{name}: no marker (VRA not attached to its host)")
                 source_hashes.update(out.get("hashes") or {})
-                if any(out.get("dirty", {}).values()):
+                dirty = {k: v for k, v in (out.get("dirty") or {}).items() if v}
+                if dirty:
                     valid = False
-                    problems.append(f"{name}: bitmap sync pending")
+                    problems.append(f"{name}: cut not consistent: " + ", ".join(
+                        "a delta sync running" if k == "delta-sync" else
+                        f"VM {k}: {v} dirty blocks (bitmap sync pending)" for k, v in dirty.items()))
             # Releases only after every barrier answered: all holds overlap at this moment.
             releases = self._call_all(held, lambda n: f"/v1/protected/vpgs/{self.vpg}/barrier/{k}/release")
             t_end = time.perf_counter()
