@@ -106,11 +106,15 @@ class VSphereHypervisor(Hypervisor):
                                  propSet=[PC.PropertySpec(type=t, pathSet=p) for t, p in wanted])
             res = content.propertyCollector.RetrievePropertiesEx([spec], PC.RetrieveOptions())
             out = {t: [] for t, _ in wanted}
+            named = {t for t, p in wanted if "name" in p}
             while res:
                 for o in res.objects:
                     for t in out:
                         if isinstance(o.obj, t):
-                            out[t].append((o.obj, {p.name: p.val for p in o.propSet or []}))
+                            props = {p.name: p.val for p in o.propSet or []}
+                            if t in named and "name" not in props:
+                                break       # being created or destroyed as we read: not there yet
+                            out[t].append((o.obj, props))
                             break
                 res = (content.propertyCollector.ContinueRetrievePropertiesEx(res.token)
                        if res.token else None)
