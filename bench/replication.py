@@ -16,8 +16,8 @@ Everything runs on loopback in one run and is stopped at the end:
   protected site's page-cache writeback must not land on the journal's disk either (with 8 VMs
   it made journal fsyncs stall for over 0.25 s; bench/RESULTS.md). ``--protected-storage
   disk`` puts both sites on the one disk, for comparison. (The RPO and delta-sync phases run
-  on a lab of their own with the protected datastores on the disk, beside rsync's files.) Workloads of 64 KiB blocks, random pattern, random
-  content, on 1 VM and then on all 8 (both hosts), each after the previous phase's backlog
+  on a lab of their own with the protected datastores on the disk, beside rsync's files.)
+  Workloads of 64 KiB blocks, random pattern, random content, on 1 VM and then on all 8 (both hosts), each after the previous phase's backlog
   (queued, unacknowledged, dirty bitmaps) cleared. MB/s made durable = growth of the recovery
   journal's usage bytes (``GET /v1/recovery/vpgs/<vpg>/usage``) over a steady window after a
   warm-up. The figure (``throughput_mbps_*``) is the sustained rate: the guests offer rising
