@@ -127,7 +127,7 @@ def _append(j, v: VpgState, entries: list[Entry], checkpoints: list[Checkpoint],
         pkey = K.format_progress_key(vpg_id, source)
         wb.put(pkey, R.encode_progress(pkey, int(seq)))
     v.pending.update(ckeys)             # visible before durable: hidden until the fsync
-    j._write(wb, f"append to VPG {v.name}")
+    j._write(wb, f"append to VPG {v.name}", timed=True)
     v.pending.difference_update(ckeys)
     if progress:
         v.progress.update((s_, int(q)) for s_, q in progress.items())

@@ -412,7 +412,7 @@ class Journal:
             raise DSSError(f"a write to the journal at {self.path} failed earlier ({self._failed}): "
                            "reopen it to recover")
 
-    def _write(self, wb: WriteBatch, step: str) -> None:
+    def _write(self, wb: WriteBatch, step: str, timed: bool = False) -> None:
         """Write one batch; when ``sync``, return only after the WAL is fsynced.
 
         The fsync is a separate ``flush_wal(sync=True)`` rather than a write with sync=True: the
@@ -428,10 +428,12 @@ class Journal:
             t0 = clock()
             self._db.write(wb, self._wopt)
             t1 = clock()
-            self.timings.step("db_write", t1 - t0)
             if self.sync:
                 self._db.flush_wal(True)
-                self.timings.step("wal_sync", clock() - t1)
+            if timed:                   # an append's: its db_write and wal_sync steps
+                self.timings.step("db_write", t1 - t0)
+                if self.sync:
+                    self.timings.step("wal_sync", clock() - t1)
         except Exception as exc:
             self._failed = exc
             raise DSSError(f"{step}: journal write failed: {exc}") from exc
