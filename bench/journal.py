@@ -23,6 +23,9 @@
     releases the GIL during the fsync) and with a synced write (rocksdict holds the GIL
     through the fsync; the reads stall behind it). Python threads share the GIL, so the
     interpreter's switch interval (5 ms by default; ``--switch-interval``) bounds these stalls.
+(d) For information, the same reads on the largest journal right after its segment files (the
+    entries' data) were written back and dropped from the page cache, as a restarted VRA or one
+    short of memory finds them; RocksDB's files stay cached.
 Each ingest figure is the best of 2 runs (1 with --quick), raw and journal alternating.
 """
 from __future__ import annotations
@@ -181,6 +184,26 @@ def read_latency(j: Journal, cps, vm: str, disk_size: int, reads: int, rng: rand
             "mean_ms": sum(lat) / len(lat) * 1e3, "max_ms": lat[-1] * 1e3}
 
 
+def drop_segments_from_cache(j: Journal) -> None:
+    """Write back and drop the journal's segment files (entry data) from the page cache."""
+    for root, _dirs, files in os.walk(j._seg_root):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def read_latency_cold(j: Journal, cps, vm: str, disk_size: int, reads: int, rng: random.Random,
+                      region: int | None = None) -> dict:
+    """The same reads right after the entry data was dropped from the page cache: the journal
+    data as a restarted VRA, or one short of memory, finds it (RocksDB's files stay cached)."""
+    drop_segments_from_cache(j)
+    return read_latency(j, cps, vm, disk_size, reads, rng, region)
+
+
 def read_latency_during_ingest(j: Journal, cps, vm: str, disk_size: int, reads: int, rng: random.Random,
                                gil_held: bool, region: int | None = None) -> dict:
     """PIT reads while another thread appends 1 MiB batches (16 x 64 KiB) with the WAL fsynced."""
@@ -279,6 +302,9 @@ def main() -> int:
                 region = read_region(n, disk_size, args.pit_layout)
                 r = read_latency(j, cps, vm, disk_size, reads, rng, region)
                 if n == sizes[-1]:
+                    c = read_latency_cold(j, cps, vm, disk_size, reads // 2, rng, region)
+                    c.update(entries=n)
+                    out["pit_cold"] = c
                     for gil_held in (False, True):
                         c = read_latency_during_ingest(j, cps, vm, disk_size, reads // 2, rng, gil_held, region)
                         c.update(entries=n,
@@ -293,6 +319,10 @@ def main() -> int:
                 out["pit"].append(r)
                 say(f"{n:>9} {build_s:>8.1f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['mean_ms']:>8.3f} "
                     f"{r['p50_growth']:>6.2f} {r['log_n_growth']:>8.2f}")
+            if "pit_cold" in out:
+                c = out["pit_cold"]
+                say(f"(d) same reads at {c['entries']} entries, the entries' data dropped from the page "
+                    f"cache first (information): p50 {c['p50_ms']:.3f} ms, p99 {c['p99_ms']:.3f} ms")
             for c in out.get("pit_during_ingest", []):
                 say(f"(c) same reads at {c['entries']} entries while appending 1 MiB batches, fsync by {c['fsync']}: "
                     f"p50 {c['p50_ms']:.3f} ms, p99 {c['p99_ms']:.3f} ms, ingest {c['ingest_mbps']:.1f} MB/s")

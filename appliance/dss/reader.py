@@ -7,7 +7,8 @@ next block and read by a reverse seek (``seek_for_prev``) to ``disk prefix | blo
 so a hot block costs O(log n), never a walk over its whole history. Per block, versions are
 taken newest first until the requested bytes are covered (an entry that wrote only part of the
 block does not hide what lies underneath); what is still uncovered comes from the replica. The
-entries are fetched in one multi-get and applied oldest first over the replica bytes.
+entries are fetched in one multi-get, their data read together (what the page cache lacks in
+parallel, ``segments.Segments.data_many``), and applied oldest first over the replica bytes.
 
 Consistency with a concurrent promotion (which only ever moves the replica up to a position
 <= every pinned read position): the index iterator is created first, the replica read second,
@@ -29,6 +30,7 @@ from . import keys as K
 from . import records as R
 from .errors import DSSError, JournalCorrupt
 from .pos import ZERO, Checkpoint, Pos
+from .segments import ReadFailed
 from .state import DiskInfo, VpgState
 
 RETRIES = 16
@@ -190,19 +192,27 @@ def _read_once(index, entries, v: VpgState, d: DiskInfo, offset: int, length: in
             buf.extend(bytes(length - len(buf)))            # beyond the file's end: never written
     if not spans:
         return bytes(buf)
-    # 3. the entries, in one multi-get, applied in position order (so, per block, oldest first)
+    # 3. the entries, in one multi-get, their data read together (segments.data_many: from the
+    # page cache at once, from the disk in parallel), applied in position order (so, per
+    # block, oldest first)
     ekeys = sorted(spans)
     raws = entries.get(ekeys)
+    found = []
     for ekey, raw in zip(ekeys, raws):
         if raw is None:
             return None                                 # promoted since step 1: start over
         try:
             _, _, eoff, elen, _, src = R.decode_entry(ekey, raw)
-            data = v.segs.data(src, elen)
-            if data is None:
-                return None                             # promoted since step 1: start over
-        except (R.RecordError, ValueError, OSError) as exc:
+        except R.RecordError as exc:
             raise JournalCorrupt(f"entry {K.parse_entry_key(ekey)[1]}", v.name, exc) from None
+        found.append((eoff, elen, src))
+    try:
+        datas = v.segs.data_many([(src, elen) for _, elen, src in found])
+    except ReadFailed as exc:
+        raise JournalCorrupt(f"entry {K.parse_entry_key(ekeys[exc.item])[1]}", v.name, exc) from None
+    for ekey, (eoff, elen, _), data in zip(ekeys, found, datas):
+        if data is None:
+            return None                                 # promoted since step 1: start over
         for a, b, k in spans[ekey]:
             if a < eoff or b > eoff + elen:
                 raise JournalCorrupt(_index_name(k, d), v.name, "index record does not match its entry")

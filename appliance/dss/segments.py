@@ -20,6 +20,7 @@ last reference); a reader that finds the segment gone treats the entry as promot
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -33,6 +34,20 @@ from .records import SegmentRef
 SEGMENT_BYTES = 64 << 20
 SUFFIX = ".seg"
 _IOV_MAX = 1024
+# Reads of many entries' data (``data_many``, a PIT read meets about a dozen, each at its own
+# place in the segments) first ask the page cache without waiting (``RWF_NOWAIT``): what it
+# holds is read at once, and for what it lacks the kernel starts the disk reads (readahead)
+# before returning EAGAIN, so that the second pass, which waits for them, waits for all of them
+# at once rather than one disk round trip after the other.
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+class ReadFailed(ValueError):
+    """``data_many``: item ``item`` could not be read or failed its checksum."""
+
+    def __init__(self, item: int, exc: Exception):
+        super().__init__(str(exc))
+        self.item = item
 
 
 class Segment:
@@ -64,6 +79,7 @@ class Segments:
         self._active: Segment | None = None
         self._next = 1
         self._floor = 1         # segments below it were dropped on purpose (promoted)
+        self._nowait = bool(_NOWAIT)
 
     # -- opening ------------------------------------------------------------------------------
     def recover(self, first: int | None, last: tuple[int, int] | None, *, keep_all: bool = False) -> None:
@@ -163,6 +179,53 @@ class Segments:
         """The data of an entry, verified: bytes; None if the segment was dropped (promoted
         since the entry record was read); raises ValueError if the segment is missing or the
         data does not match ``digest``."""
+        seg = self._segment(seq)
+        if seg is None:
+            return None
+        return self._verified(seg, offset, length, digest, os.pread(seg.fd, length, offset))
+
+    def data_many(self, items: list) -> list:
+        """``data`` of many entries, ``[(src, length)]``, in that order (None for an entry whose
+        segment was dropped). What the page cache holds is read at once (a non-blocking
+        ``preadv``, which also starts the disk reads of the rest); then the rest. Raises
+        ``ReadFailed`` (a ValueError naming the item) for the first that is missing or fails
+        its checksum."""
+        out = [None] * len(items)
+        misses = []
+        for i, (src, length) in enumerate(items):
+            if not isinstance(src, SegmentRef):
+                out[i] = src
+                continue
+            try:
+                seg = self._segment(src.seq)
+            except ValueError as exc:
+                raise ReadFailed(i, exc) from None
+            if seg is None:
+                continue
+            try:
+                data = self._cached(seg, src.offset, length)
+            except OSError as exc:
+                raise ReadFailed(i, exc) from None
+            if data is None:
+                misses.append((i, seg, src, length))
+            else:
+                out[i] = (seg, src, length, data)
+        for i, seg, src, length in misses:         # their reads started in the first pass
+            try:
+                out[i] = (seg, src, length, os.pread(seg.fd, length, src.offset))
+            except OSError as exc:
+                raise ReadFailed(i, exc) from None
+        for i, got in enumerate(out):
+            if type(got) is tuple:
+                seg, src, length, data = got
+                try:
+                    out[i] = self._verified(seg, src.offset, length, src.digest, data)
+                except ValueError as exc:
+                    raise ReadFailed(i, exc) from None
+        return out
+
+    def _segment(self, seq: int) -> Segment | None:
+        """The open segment ``seq``; None if it was dropped (promoted), ValueError if missing."""
         with self._lock:
             seg = self._segs.get(seq)
             floor = self._floor
@@ -170,11 +233,31 @@ class Segments:
             if seq < floor:
                 return None
             raise ValueError(f"segment {seq} is missing from {self.dir}")
-        data = os.pread(seg.fd, length, offset)
+        return seg
+
+    def _cached(self, seg: Segment, offset: int, length: int):
+        """The bytes at ``offset`` if the page cache holds all of them, else None. Where the
+        file system cannot tell (no non-blocking reads), they are read here, one by one."""
+        if not self._nowait:
+            return os.pread(seg.fd, length, offset)
+        buf = bytearray(length)
+        try:
+            n = os.preadv(seg.fd, [buf], offset, _NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait = False        # a file system without non-blocking reads
+            return os.pread(seg.fd, length, offset)
+        return buf if n == length else None
+
+    @staticmethod
+    def _verified(seg: Segment, offset: int, length: int, digest: int, data):
         if len(data) != length:
-            raise ValueError(f"segment {seq} holds {len(data)} of the {length} bytes at offset {offset}")
+            raise ValueError(f"segment {seg.seq} holds {len(data)} of the {length} bytes at offset {offset}")
         if _xxh3(data) != digest:
-            raise ValueError(f"data checksum mismatch in segment {seq} at offset {offset}")
+            raise ValueError(f"data checksum mismatch in segment {seg.seq} at offset {offset}")
         return data
 
     # -- letting go ---------------------------------------------------------------------------------
