@@ -7,8 +7,9 @@ next block and read by a reverse seek (``seek_for_prev``) to ``disk prefix | blo
 so a hot block costs O(log n), never a walk over its whole history. Per block, versions are
 taken newest first until the requested bytes are covered (an entry that wrote only part of the
 block does not hide what lies underneath); what is still uncovered comes from the replica. The
-entries are fetched in one multi-get, their data read together (what the page cache lacks in
-parallel, ``segments.Segments.data_many``), and applied oldest first over the replica bytes.
+entries are fetched in one multi-get, their data read together (``segments.Segments.data_many``:
+what the page cache holds at once, the disk reads of the rest started together), and applied
+oldest first over the replica bytes.
 
 Consistency with a concurrent promotion (which only ever moves the replica up to a position
 <= every pinned read position): the index iterator is created first, the replica read second,
@@ -192,9 +193,8 @@ def _read_once(index, entries, v: VpgState, d: DiskInfo, offset: int, length: in
             buf.extend(bytes(length - len(buf)))            # beyond the file's end: never written
     if not spans:
         return bytes(buf)
-    # 3. the entries, in one multi-get, their data read together (segments.data_many: from the
-    # page cache at once, from the disk in parallel), applied in position order (so, per
-    # block, oldest first)
+    # 3. the entries, in one multi-get, their data read together (segments.data_many), applied
+    # in position order (so, per block, oldest first)
     ekeys = sorted(spans)
     raws = entries.get(ekeys)
     found = []
