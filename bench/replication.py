@@ -630,6 +630,8 @@ def hash_gbps(mib: int, repeat: int) -> float:
 # Rounds of PIT reads per journal length, the best p99 counting: a ratio of p99s measured
 # minutes apart moved with the machine (one 1e3 journal's two rounds: 0.660 and 0.383 ms).
 PIT_ROUNDS = 3
+
+
 def pit_reads(base: Path, sizes, reads: int, say, layout: str = "hot", rounds: int = PIT_ROUNDS) -> dict:
     """Per journal length: the PIT read latency (``bench/journal.py``'s ``read_latency``) of
     ``rounds`` rounds of ``reads`` reads; the round with the lower p99 counts (the others are
