@@ -364,7 +364,8 @@ class Journal:
         first, last = _checkpoint.first(self, v), _checkpoint.latest(self, v, False)
         span = (last.time - first.time) if first and last else 0.0     # recoverable history
         return {"bytes": v.nbytes, "entries": v.entries, "oldest_time": oldest, "newest_time": newest,
-                "history_s_actual": span, "promoted_pos": v.promoted, "durable_pos": v.durable}
+                "history_s_actual": span, "promoted_pos": v.promoted, "durable_pos": v.durable,
+                "hard_limit_bytes": v.settings.hard_limit_bytes, "warn_bytes": v.settings.warn_bytes}
 
     def _entry_time(self, v: VpgState, key: bytes, value: bytes) -> float:
         return self._decode(f"entry {K.parse_entry_key(key)[1]}", v.name, R.decode_entry, key, value)[4]

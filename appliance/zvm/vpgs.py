@@ -24,6 +24,7 @@ import time
 import uuid
 
 from .errors import BadRequest, Conflict, NotFound, Unavailable, ZVMError
+from .vpgsettings import journal_limits
 
 log = logging.getLogger("tidemark.zvm.vpgs")
 
@@ -469,6 +470,13 @@ class Vpgs:
             root = str(self.zvm.cfg.path("replicas"))
         return os.path.join(root, "tidemark-replicas", vpg_id)
 
+    def journal_datastore_bytes(self, settings: dict) -> int:
+        """At the recovery site: the capacity of the VPG's journal datastore (the recovery
+        default when the journal names none); 0 if unknown."""
+        ds = (settings["journal"].get("datastoreIdentifier")
+              or settings["recovery"].get("defaultDatastoreIdentifier"))
+        return next((d.capacity_bytes for d in self.zvm.hypervisor.datastores() if d.id == ds), 0)
+
     def prepare_recovery(self, vpg_id: str, body: dict) -> dict:
         """At the recovery site (site-to-site): accept the VPG on the recovery host's VRA and
         keep a mirror of its document. Idempotent. Answers the replication address and the
@@ -483,11 +491,11 @@ class Vpgs:
                      if f"{m['instanceUuid']}:{d['index']}" in preseed else {})}
                  for m in vms for d in m["disks"]]
         replica_dir = self.replica_dir(settings, vpg_id)
+        hard, warn = journal_limits(lim, self.journal_datastore_bytes(settings))
         self.vra_call(vra, "PUT", f"/v1/recovery/vpgs/{vpg_id}", json={
             "replica_dir": replica_dir,
             "history_s": int(basic.get("journalHistoryInHours") or 24) * 3600,
-            "hard_limit_bytes": int(lim.get("hardLimitInMB") or 0) << 20,
-            "warn_bytes": int(lim.get("warningThresholdInMB") or 0) << 20,
+            "hard_limit_bytes": hard, "warn_bytes": warn,
             "disks": disks})
         rec = {"identifier": vra_id(vra), "name": vra_name(vra), "hostIdentifier": vra_host(vra),
                "address": vra_address(vra)}
@@ -541,6 +549,8 @@ class Vpgs:
         usage = self.vra_call(vra, "GET", f"/v1/recovery/vpgs/{vpg_id}/usage")
         return {"rpoS": rpo.get("rpo_s"), "latestCheckpoint": rpo.get("latest_checkpoint"),
                 "journalBytes": usage.get("bytes", 0), "historyS": usage.get("history_s_actual", 0),
+                "journalHardLimitBytes": usage.get("hard_limit_bytes"),
+                "journalWarningBytes": usage.get("warn_bytes"),
                 "journalAlerts": [a for a in (st.get("recovery") or {}).get("alerts", [])
                                   if a.get("vpg") == vpg_id]}
 

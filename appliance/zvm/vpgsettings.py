@@ -137,9 +137,31 @@ def check_limitation(lim: dict | None, where: str) -> None:
         _int_range(lim, k, 0, 1 << 40, where)
     for k in ("hardLimitInPercent", "warningThresholdInPercent"):
         _int_range(lim, k, 0, 100, where)
-    hard, warn = lim.get("hardLimitInMB") or 0, lim.get("warningThresholdInMB") or 0
-    if hard and warn > hard:
-        raise BadRequest(f"{where}.warningThresholdInMB ({warn}) must not exceed hardLimitInMB ({hard})")
+    for unit in ("MB", "Percent"):
+        hard, warn = lim.get(f"hardLimitIn{unit}") or 0, lim.get(f"warningThresholdIn{unit}") or 0
+        if hard and warn > hard:
+            raise BadRequest(f"{where}.warningThresholdIn{unit} ({warn}) must not exceed "
+                             f"hardLimitIn{unit} ({hard})")
+
+
+def journal_limits(lim: dict | None, datastore_bytes: int) -> tuple[int, int]:
+    """(hard limit, warning threshold) of a journal in bytes, 0 for none, from its limitation:
+    MB (MiB, as everywhere in the API) or a percentage of the journal's datastore
+    (``datastore_bytes``, its capacity); where both are given, the smaller counts."""
+    lim = lim or {}
+
+    def one(mb, pct, name: str) -> int:
+        got = [int(mb) << 20] if mb else []
+        if pct:
+            if datastore_bytes <= 0:
+                raise BadRequest(f"journal.limitation.{name}InPercent needs the capacity of the "
+                                 f"journal's datastore, which this site does not know")
+            got.append(datastore_bytes * int(pct) // 100)
+        return min(got) if got else 0
+
+    return (one(lim.get("hardLimitInMB"), lim.get("hardLimitInPercent"), "hardLimit"),
+            one(lim.get("warningThresholdInMB"), lim.get("warningThresholdInPercent"),
+                "warningThreshold"))
 
 
 def check_boot_groups(bg: dict) -> None:

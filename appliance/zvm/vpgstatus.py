@@ -134,7 +134,9 @@ class VpgMonitor:
                                               json={"state": state, "stats": stats})
             stats.update(actualRpo=None if rep["rpoS"] is None else int(rep["rpoS"]),
                          latestCheckpoint=rep["latestCheckpoint"], journalBytes=rep["journalBytes"],
-                         historyS=rep["historyS"], journalAlerts=rep.get("journalAlerts", []))
+                         historyS=rep["historyS"], journalAlerts=rep.get("journalAlerts", []),
+                         journalHardLimitBytes=rep.get("journalHardLimitBytes"),
+                         journalWarningBytes=rep.get("journalWarningBytes"))
             if any(j.get("kind") == "journal_hard_limit" for j in stats["journalAlerts"]):
                 # the recovery VRA's last journal maintenance dropped the oldest history
                 stats["historyDroppedAt"] = now
@@ -191,7 +193,11 @@ class VpgMonitor:
             a.clear(key + "VPG0018")
         lim = vpg["settings"]["journal"].get("limitation") or {}
         used = int(stats.get("journalBytes") or 0)
-        hard, warn = int(lim.get("hardLimitInMB") or 0) << 20, int(lim.get("warningThresholdInMB") or 0) << 20
+        # the limits in bytes as the recovery VRA holds them (MB or % of the journal's datastore,
+        # the smaller: vpgsettings.journal_limits); from an older recovery site, the MB ones
+        hard, warn = stats.get("journalHardLimitBytes"), stats.get("journalWarningBytes")
+        if hard is None or warn is None:
+            hard, warn = int(lim.get("hardLimitInMB") or 0) << 20, int(lim.get("warningThresholdInMB") or 0) << 20
         kinds = {j.get("kind") for j in stats.get("journalAlerts") or []}
         if (hard and used >= hard) or "journal_hard_limit" in kinds:
             a.raise_(key + "VPG0013", "VPG0013", f"VPG {vpg['name']}: the journal uses {used >> 20} MB, "
