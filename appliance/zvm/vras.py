@@ -61,7 +61,33 @@ IP_CONFIG_TYPES = ["Dhcp", "Static"]
 IMAGE = "tidemark-vra"
 
 
-def free_port(host: str) -> int:
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (32768 where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str, taken: set[int] = frozenset()) -> int:
+    """A TCP port on ``host`` that nothing is bound to now, for a VRA to listen on once it has
+    started. Taken below the kernel's ephemeral range: any outgoing connection made meanwhile
+    gets its local port from that range, and one that got this port (a keep-alive session
+    lives long) made the VRA's bind fail with "address in use". ``taken``: ports handed out
+    already (VRAs not started yet). The ephemeral range itself if nothing below is free."""
+    low = _ephemeral_low()
+    rnd = secrets.SystemRandom()
+    for _ in range(200):
+        port = rnd.randrange(max(1024, low // 2), low)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -158,6 +184,8 @@ class VrasService:
         name = f"Z-VRA-{host.name}"
         vid = f"vra-{secrets.token_hex(6)}"
         tls = self.zvm.cfg.vra_replication_tls
+        taken = {d.get(k) for d in self.list() for k in ("controlPort", "replicationPort")}
+        control = free_port(listen, taken)
         doc = {"vraIdentifier": vid, "vraName": name, "hostIdentifier": host.id,
                "hostName": host.name, "datastoreIdentifier": ds.id, "datastoreName": ds.name,
                "networkIdentifier": net.id, "networkName": net.name, "memoryInGb": mem,
@@ -168,8 +196,8 @@ class VrasService:
                                      "subnetMask": netdata.get("subnetMask") or "",
                                      "defaultGateway": netdata.get("defaultGateway") or ""},
                "status": INSTALLING, "progress": 0, "vraVersion": "", "vmId": None,
-               "listenHost": listen, "controlPort": free_port(listen),
-               "replicationPort": free_port(listen), "replicationHost": listen,
+               "listenHost": listen, "controlPort": control,
+               "replicationPort": free_port(listen, taken | {control}), "replicationHost": listen,
                "journalPath": f"[{ds.name}] {name}/journal", "stateDir": f"[{ds.name}] {name}/state",
                "tls": tls, "reachable": False, "counters": {}, "_token": secrets.token_urlsafe(32)}
         doc["controlUrl"] = f"http://{listen}:{doc['controlPort']}"
