@@ -23,6 +23,15 @@ def entry_ref(j: Journal, pos) -> R.SegmentRef:
     return R.decode_entry(key, j._entries[key])[5]
 
 
+def flip_bits(path: str, at: int, mask: int) -> None:
+    """Damage one byte of a file in place: XOR the byte at ``at`` with ``mask``."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ mask]))
+
+
 def assert_images(j: Journal, model: Model, cps=None) -> None:
     for cp in (cps if cps is not None else j.checkpoints(VPG)):
         want = model.disks_at(cp.pos)
@@ -54,11 +63,7 @@ def test_a_damaged_segment_byte_is_reported_never_served(tmp_path):
     victim = next(e for e in model.log[20:] if len(e.data) > 100)
     seq, off, _ = entry_ref(j, victim.pos)
     path = os.path.join(j._vpg(VPG).segs.dir, f"{seq:010d}{S.SUFFIX}")
-    with open(path, "r+b") as f:
-        f.seek(off + 50)
-        b = f.read(1)
-        f.seek(off + 50)
-        f.write(bytes([b[0] ^ 0x10]))
+    flip_bits(path, off + 50, 0x10)
     with pytest.raises(JournalCorrupt) as exc:
         j.read(VPG, victim.vm, victim.disk, victim.offset, len(victim.data), victim.pos)
     assert str(victim.pos) in str(exc.value) and "checksum" in str(exc.value)
@@ -242,7 +247,6 @@ def test_append_timings_count_every_step(tmp_path):
         j.close()
 
 
-
 def _drop_from_page_cache(j: Journal) -> None:
     d = j._vpg(VPG).segs.dir
     for name in os.listdir(d):
@@ -275,11 +279,7 @@ def test_entry_data_not_in_the_page_cache_is_read_and_checked(tmp_path):
         got = segs._cached(seg, off, len(victim.data))
         assert got is not None and bytes(got) == victim.data
         path = os.path.join(segs.dir, f"{seq:010d}{S.SUFFIX}")
-        with open(path, "r+b") as f:
-            f.seek(off + 7)
-            b = f.read(1)
-            f.seek(off + 7)
-            f.write(bytes([b[0] ^ 0x01]))
+        flip_bits(path, off + 7, 0x01)
         _drop_from_page_cache(j)
         with pytest.raises(JournalCorrupt) as exc:
             j.read(VPG, victim.vm, victim.disk, 0, CAPACITY, victim.pos)

@@ -163,7 +163,7 @@ def test_delta_sync_under_a_running_workload_converges(dsetup):
     workloads(lab, vms, "start", mbps=3.0)
     results, errors = [], []
 
-    def run(name, p):
+    def run(p):
         try:
             results.append(sync_all(p))
         except Exception as exc:        # reported below
@@ -173,7 +173,7 @@ def test_delta_sync_under_a_running_workload_converges(dsetup):
         st = p.call("GET", "/v1/status").get("delta_syncs", {}).get(VPG) or {}
         return st.get("running", 0), st.get("started", 0)
 
-    threads = [threading.Thread(target=run, args=(n, p)) for n, p in prot.items()]
+    threads = [threading.Thread(target=run, args=(p,)) for p in prot.values()]
     for t in threads:
         t.start()
     # A checkpoint taken while a delta sync runs is never valid, and says why. A cut counts when
