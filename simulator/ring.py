@@ -7,7 +7,9 @@ the ordering rules are specified in ``docs/FORMAT.md`` ("Mirror ring"); this
 module is the one implementation of both sides.
 
 Positions are byte counts that only grow; ``pos % capacity`` is the place in
-the data area. Every record starts at a 64-byte boundary and never wraps: when
+the data area. Every record starts at a 512-byte boundary, its payload 512 bytes
+after its 64-byte header (so that the IO path can write it to the disk with
+O_DIRECT straight from the ring), and it never wraps: when
 the space left before the end of the data area is too small, a PAD record fills
 it. The producer reserves space under its lock (which also hands out the
 per-host sequence number) and writes the header there, magic and checksum still
@@ -31,7 +33,7 @@ from typing import NamedTuple
 import xxhash
 
 RING_MAGIC = b"TDMRING1"
-RING_VERSION = 1
+RING_VERSION = 2
 HEADER_SIZE = 4096
 
 # Ring header fields, each on its own cache line.
@@ -47,7 +49,11 @@ RECORD_MAGIC = 0x52444D54  # b"TMDR" little-endian: the commit marker
 REC = struct.Struct("<IHHIIQQQ16sQ")
 # magic, type, disk, length, generation, seq, vm_seq, offset, vm uuid, checksum
 assert REC.size == 64
-REC_ALIGN = 64
+# Records start at 512-byte boundaries and a record's payload starts 512 bytes after its header
+# (bytes 64..511 of a record are unused), so that the IO path can write a payload from the ring
+# to the disk with O_DIRECT, which wants the memory and the file offset 512-aligned.
+REC_ALIGN = 512
+PAYLOAD_OFFSET = 512
 CONSUMER_SPIN = 0.0005  # how long a consumer polls before it sleeps on the doorbell
 # A producer whose consumer keeps up may reuse only this much of the ring, so that it stays in
 # the CPU caches (``reserve``). Off (0) by default: the PAD that takes the producer back to the
@@ -92,6 +98,11 @@ def align(n: int) -> int:
     return (n + REC_ALIGN - 1) & ~(REC_ALIGN - 1)
 
 
+def record_size(length: int) -> int:
+    """Ring bytes a record with ``length`` payload bytes takes (header, gap, aligned payload)."""
+    return PAYLOAD_OFFSET + ((length + REC_ALIGN - 1) & -REC_ALIGN)
+
+
 def record_checksum(header: memoryview | bytes, payload) -> int:
     """XXH3-64 of header bytes 4..56 (everything but magic and checksum) and the payload."""
     h = xxhash.xxh3_64(header[4:56])
@@ -125,6 +136,8 @@ _xxh3_64 = xxhash.xxh3_64
 class _Mapped:
     def __init__(self, path: str, create: bool, capacity: int = 0):
         self.path = path
+        if create and (capacity <= 0 or capacity % REC_ALIGN):
+            raise RingError(f"ring capacity {capacity} is not a positive multiple of {REC_ALIGN}")
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         self.fd = os.open(path, flags, 0o600)
         if create:
@@ -138,7 +151,7 @@ class _Mapped:
         magic, version, hsize, cap, ring_id = _RING_HDR.unpack_from(self.mm, 0)
         if magic != RING_MAGIC or version != RING_VERSION or hsize != HEADER_SIZE:
             raise RingError(f"{path}: not a version-{RING_VERSION} mirror ring")
-        if HEADER_SIZE + cap != size:
+        if HEADER_SIZE + cap != size or cap % REC_ALIGN:
             raise RingError(f"{path}: size {size} does not match capacity {cap}")
         self.capacity = cap
         self.ring_id = ring_id
@@ -165,14 +178,15 @@ class _Mapped:
          checksum) = REC.unpack_from(view, off)
         if magic != RECORD_MAGIC:
             return None
-        payload = view[off + 64:off + 64 + length]
+        payload = view[off + PAYLOAD_OFFSET:off + PAYLOAD_OFFSET + length]
         if verify and rtype != PAD:
             h = _xxh3_64(view[off + 4:off + 56])   # record_checksum, inlined
             h.update(payload)
             if h.intdigest() != checksum:
                 raise RingCorrupt(f"{self.path}: record at position {pos} (seq {seq}) failed its "
                                   f"checksum; it was not applied. Detach and resync this host.")
-        return _new_record(Record, (pos, pos + 64 + ((length + 63) & -64), rtype, disk, gen, seq,
+        return _new_record(Record, (pos, pos + PAYLOAD_OFFSET + ((length + 511) & -512), rtype, disk,
+                                    gen, seq,
                                     vm_seq, offset, vm_uuid, payload))
 
 
@@ -221,7 +235,7 @@ class RingProducer(_Mapped):
         of the ring, which stay in the CPU caches; one that falls behind gets
         the whole capacity.
         """
-        need = 64 + ((length + 63) & -64)            # REC.size + align(length)
+        need = PAYLOAD_OFFSET + ((length + 511) & -512)   # record_size(length), inlined
         cap = self.capacity
         if need > cap >> 1:
             raise RingError(f"record of {length} bytes is too large for a {cap}-byte ring")
@@ -251,7 +265,8 @@ class RingProducer(_Mapped):
                           vm_uuid, 0)
             self._head = head = pos + need               # set_head, inlined
             _U64.pack_into(view, _OFF_HEAD, head)
-        return pos, seq, view[base + 64:base + 64 + length]
+        base += PAYLOAD_OFFSET
+        return pos, seq, view[base:base + length]
 
     def try_reserve(self, length: int) -> tuple[int, int, memoryview] | None:
         """Reserve a record whose header ``commit_header`` writes later (see ``reserve``)."""
@@ -267,7 +282,7 @@ class RingProducer(_Mapped):
 
     def _write_pad(self, pos: int, size: int):
         base = HEADER_SIZE + pos % self.capacity
-        REC.pack_into(self.mm, base, 0, PAD, 0, size - REC.size, 0, 0, 0, 0, b"\0" * 16, 0)
+        REC.pack_into(self.mm, base, 0, PAD, 0, size - PAYLOAD_OFFSET, 0, 0, 0, 0, b"\0" * 16, 0)
         _U32.pack_into(self.mm, base, RECORD_MAGIC)
 
     def commit_header(self, pos: int, rtype: int, seq: int, disk: int, generation: int,
@@ -342,7 +357,7 @@ class RingProducer(_Mapped):
                 REC.pack_into(self.mm, base, 0, PAD, 0, length, 0, 0, 0, 0, b"\0" * 16, 0)
                 _U32.pack_into(self.mm, base, RECORD_MAGIC)
             yield pos, rec
-            pos += REC.size + align(length)
+            pos += record_size(length)
 
 
 class RingConsumer(_Mapped):

@@ -175,7 +175,7 @@ def test_corrupt_record_is_detected_not_served(tmp_path, host):
     host.write(cfg["instance_uuid"], 0, 4096, b"x" * 4096)
     recs = list(client.records(idle_timeout=0.2))
     pos = recs[-1].pos
-    off = R.HEADER_SIZE + pos % client.ring.capacity + R.REC.size + 10
+    off = R.HEADER_SIZE + pos % client.ring.capacity + R.PAYLOAD_OFFSET + 10
     host.io.ring.mm[off] ^= 0xFF           # flip a byte of the payload in the ring
     client.ring.cursor = pos
     with pytest.raises(R.RingCorrupt):
@@ -447,7 +447,7 @@ def test_ring_reuses_its_hot_window_while_the_consumer_keeps_up(tmp_path):
         assert bytes(rec.payload[:8]) == n.to_bytes(8, "little") and len(rec.payload) == size
         cons.ack()
     # Every record lies in the first hot window, so the ring's working set stays cache-sized.
-    assert max(offsets) + 64 + size <= hot
+    assert max(offsets) + R.record_size(size) <= hot
     assert offsets.count(0) > 10              # it went back to the start many times
     assert cons.poll() is None
 
