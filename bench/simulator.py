@@ -1,52 +1,51 @@
 #!/usr/bin/env python
 """Mirrored vs raw guest write speed of the simulated host IO path.
 
-    .venv/bin/python bench/simulator.py [--quick] [--json] [--disk-mib N] [--seconds S]
+    .venv/bin/python bench/simulator.py [--quick] [--json] [-v] [--block-sizes 64]
+                                        [--seconds S] [--slices N]
 
 For each block size (4 KiB, 64 KiB, 1 MiB; random pattern, random content,
-seeded) the same sequence of guest writes from ``simulator.workload.Generator``
-+ ``Content`` is issued twice, alternately. In both the guest does the same
-work for each write: it fills a write buffer with its data (one memory copy
-from the prepared content, as a guest filling its page cache would; the same
-``fill`` function on both sides) and then the write is issued:
+seeded) the same guest writes from ``simulator.workload.Generator`` +
+``Content`` are issued three ways. In each the guest does the same work per
+write: it fills a write buffer with its data (one memory copy from the prepared
+content, the same ``fill`` function everywhere) and then the write is issued:
 
-* raw:      the guest's buffer is its own (one buffer, reused, so it stays in
-            the CPU cache), and ``IOPath.raw_write`` is a plain ``os.pwrite`` of
-            it to the VM's disk file, no IO filter;
+* raw, reused buffer: the guest's buffer is its own, one buffer reused (so it
+  stays in the CPU cache), and ``IOPath.raw_write`` writes it to the VM's disk
+  file (``Disk.write``: O_DIRECT, as the host writes guest data), no IO filter;
+* raw, rotating buffers: the same, with buffers rotating through a region as
+  large as the ring, in slots laid out like the ring's payloads;
 * mirrored: ``IOPath.write`` with a VRA attached: the buffer the guest fills is
-            the record's payload in the shared-memory ring, the IO path
-            checksums it, pwrites it to the disk file from the ring and commits
-            it. The VRA is a separate process using
-            ``simulator.mirror.MirrorClient``: it polls every record
-            (``RingConsumer.poll`` verifies the XXH3 checksum), checks that the
-            host seq grows by one, pwrites WRITE payloads to a replica file
-            (in /dev/shm unless --replica-dir says otherwise: it only proves the
-            stream complete; a protected VRA keeps no replica on the host), and
-            acknowledges after every record it applied.
+  the record's payload in the shared-memory ring, the IO path checksums it,
+  writes it to the disk file from the ring (O_DIRECT) and commits it. The VRA is
+  a separate process using ``simulator.mirror.MirrorClient``: it polls every
+  record (``RingConsumer.poll`` verifies the XXH3 checksum), checks that the
+  host seq grows by one, pwrites WRITE payloads to a replica file (in /dev/shm
+  unless --replica-dir says otherwise: it only proves the stream complete; a
+  protected VRA keeps no replica on the host), and acknowledges every record.
 
-The mirrored time runs from the first write until the VRA has acknowledged the
-last record (sustained rate, not just what the guest saw; the guest-visible
-rate is printed as well). Each pair (raw, mirrored) of repetition i uses the
-same seed; repetitions use different seeds, so the replica check at the end
-covers new data. Best of N (3; 1 with --quick) for each side; the ratio of
-each pair is printed too, for the spread.
+The disk on this kind of machine (a virtual disk) changes speed by 2-3x within
+seconds, so the three ways do not run one after the other for long: each block
+size runs N short slices (24; 6 with --quick), each slice the three ways over
+the same writes in an order that turns from slice to slice. A rate is all
+slices' bytes over all slices' time; the ratio is mirrored over the faster raw
+way. The per-slice ratios (against that slice's faster raw) are printed for the
+spread. The mirrored time runs from the first write until the VRA has
+acknowledged the last record (sustained, not just what the guest saw; the
+guest-visible rate is printed as well).
 
-Both files are pre-allocated (fallocate) and read once so that their pages are
-in the page cache, and dirty pages are flushed (sync) before every timed run,
-so raw and mirrored runs see the same page-cache state. The ring (64 MiB, the
-host default) and the doorbell live in /dev/shm, where the lab puts them.
-
-Also printed, for information: the guest-visible mirrored rate, the share of
-the mirrored run the VRA spent idle (near 0: the VRA is the bottleneck), and a
-"raw, no fill" rate: a plain pwrite straight from the prepared content, the
-guest doing no work at all to produce its data (an upper bound no guest
-reaches), with the mirrored/no-fill ratio.
+The disk and replica files are written once with zeros before timing (no run
+pays ext4's first-write conversion of fallocated extents), and the disk file
+is then dropped from the page cache (the host writes it with O_DIRECT). The
+ring (64 MiB, the host default) and the doorbell live in /dev/shm, where the
+lab puts them. At the end, the replica's SHA-256 must equal the disk's.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import mmap
 import multiprocessing as mp
 import os
 import shutil
@@ -184,24 +183,32 @@ def _filler(src):
     return lambda view: view.__setitem__(slice(None), src)
 
 
-def run_raw(io, disk, ops, bs) -> float:
-    """The guest fills its own buffer (one, reused: cache-hot) and writes it, no IO filter."""
+def run_raw(io, disk, ops, bs, region=None) -> float:
+    """The guest fills a buffer of its own and writes it to the disk, no IO filter.
+
+    ``region`` None: one buffer, reused, so it stays in the CPU cache (the guest's fill at its
+    cheapest). Otherwise the buffers rotate through ``region`` (as large as the ring) in
+    512-aligned slots laid out like the ring's payloads, so the disk sees writes from changing
+    memory, as it does from the ring.
+    """
     fills = [(off, _filler(src)) for off, src in ops]
     raw_write = io.raw_write
-    buf = memoryview(bytearray(bs))
+    if region is None:
+        buf = memoryview(mmap.mmap(-1, bs))   # page-aligned, as O_DIRECT wants
+        t0 = time.perf_counter()
+        for off, fill in fills:
+            fill(buf)
+            raw_write(disk, off, buf)
+        return time.perf_counter() - t0
+    step = R.record_size(bs)
+    slots = [region[p + R.PAYLOAD_OFFSET:p + R.PAYLOAD_OFFSET + bs]
+             for p in range(0, len(region) - step + 1, step)]
+    nslots = len(slots)
     t0 = time.perf_counter()
-    for off, fill in fills:
+    for i, (off, fill) in enumerate(fills):
+        buf = slots[i % nslots]
         fill(buf)
         raw_write(disk, off, buf)
-    return time.perf_counter() - t0
-
-
-def run_raw_nofill(io, disk, ops) -> float:
-    """Informational: a plain pwrite straight from the prepared content (no guest work at all)."""
-    raw_write = io.raw_write
-    t0 = time.perf_counter()
-    for off, src in ops:
-        raw_write(disk, off, src)
     return time.perf_counter() - t0
 
 
@@ -234,8 +241,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--disk-mib", type=int, default=256, help="disk size (default 256 MiB)")
     ap.add_argument("--seconds", type=float, default=None,
-                    help="target length of one raw run (default 2, 0.6 with --quick)")
-    ap.add_argument("--repeat", type=int, default=None, help="repetitions (default 3, 1 with --quick)")
+                    help="raw writing time per block size, over all slices (default 6, 1.5 with "
+                         "--quick); the mirrored and no-fill runs take about as long each")
+    ap.add_argument("--slices", type=int, default=None,
+                    help="raw/mirrored pairs per block size (default 24, 6 with --quick)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print every slice")
     ap.add_argument("--ring-mib", type=int, default=64, help="ring capacity (default 64 MiB, the host's)")
     ap.add_argument("--dir", default=None, help="where to put the disk files (default: system temp)")
     ap.add_argument("--ring-dir", default="/dev/shm" if os.access("/dev/shm", os.W_OK) else None,
@@ -250,8 +260,6 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--pin", action="store_true",
                     help="pin the host (guest writes) and the VRA to different CPUs")
-    ap.add_argument("--no-nofill-baseline", action="store_true",
-                    help="skip the informational raw run in which the guest does no work for its data")
     ap.add_argument("--disk-init", choices=("written", "fallocate"), default="written",
                     help="disk and replica files: every block written once (default) or only "
                          "fallocated (first writes then pay extent conversion)")
@@ -259,8 +267,8 @@ def main(argv=None) -> int:
                     help="the ring producer's hot window (default: simulator.ring.HOT_WINDOW; "
                          "0: none, the ring is used linearly)")
     args = ap.parse_args(argv)
-    seconds = args.seconds if args.seconds is not None else (0.6 if args.quick else 2.0)
-    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    seconds = args.seconds if args.seconds is not None else (1.5 if args.quick else 6.0)
+    slices = args.slices if args.slices is not None else (6 if args.quick else 24)
     sizes = ([int(x) * KiB for x in args.block_sizes.split(",")] if args.block_sizes
              else list(BLOCK_SIZES))
     capacity = args.disk_mib * MiB
@@ -296,6 +304,11 @@ def main(argv=None) -> int:
         preallocate(disk_path, capacity, args.disk_init == "written")
         preallocate(replica_path, capacity, args.disk_init == "written")
         flush()
+        # The host writes the disk with O_DIRECT: none of it needs to stay in the page cache
+        # (a cached page would cost the first direct write of its range an invalidation).
+        fd = os.open(disk_path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
         host = Host(state)
         threading.Thread(target=host.serve_doorbell, args=(stop,), daemon=True).start()
         deadline = time.monotonic() + 5
@@ -332,14 +345,17 @@ def main(argv=None) -> int:
             time.sleep(0.01)
         if not io.attached:
             raise RuntimeError("the VRA did not attach")
-        log(f"VRA attached (pid {proc.pid}); ring {args.ring_mib} MiB in {shm}; best of {repeat}; "
-            f"~{seconds:g} s per raw run")
+        direct = disk.dio_fd is not None
+        log(f"VRA attached (pid {proc.pid}); ring {args.ring_mib} MiB in {shm}; disk writes "
+            f"{'O_DIRECT' if direct else 'buffered (the file system refused O_DIRECT)'}; "
+            f"{slices} raw/mirrored pairs, ~{seconds:g} s of raw writing per block size")
 
         if args.hot_window_mib is not None:
             hw = int(args.hot_window_mib * MiB)
             io.ring.hot_window = hw if 0 < hw <= io.ring.capacity >> 1 else io.ring.capacity
             io.ring._hot_lag = io.ring.hot_window >> 1
         log(f"ring hot window {io.ring.hot_window / MiB:g} MiB")
+        region = memoryview(mmap.mmap(-1, args.ring_mib * MiB))   # the rotating raw buffers
         content = Content(args.seed)
 
         def vra_stats():
@@ -352,63 +368,76 @@ def main(argv=None) -> int:
             return st
 
         for bs in sizes:
-            # Calibrate: how many writes make a raw run of about `seconds`.
+            # Calibrate: how many writes make a raw slice of about seconds / slices.
             probe = make_ops(bs, max(16, (64 * MiB) // bs), args.seed * 7919 + bs, capacity, content)
-            flush()
             dt = run_raw(io, disk, probe, bs)
-            n = max(16, math.ceil(seconds * len(probe) / max(dt, 1e-6)))
+            n = max(16, math.ceil(seconds / slices * len(probe) / max(dt, 1e-6)))
             vra_before = vra_stats()
             bm_before = io.stats.bitmap_writes
             run_mirrored(io, vm, disk, probe, bs)   # warm-up; also keeps the replica in step
             n_probe = len(probe)
             del probe
-            raw_best = mir_best = guest_best = nofill_best = 0.0
-            idle_share = 1.0
-            bitmap_writes = 0
+            t_reused = t_rot = t_mir_sum = t_guest_sum = idle_sum = 0.0
+            bitmap_writes = doorbell_count = 0
             pair_ratios = []
-            for i in range(repeat):
+            nbytes = n * bs
+            for i in range(slices):
                 ops = make_ops(bs, n, args.seed * 1_000_003 + bs * 31 + i, capacity, content)
-                nbytes = n * bs
                 flush()
-                t_raw = run_raw(io, disk, ops, bs)
-                flush()
-                bm0, db0, idle0 = io.stats.bitmap_writes, doorbells[0], vra_stats()["idle_s"]
-                t_guest, t_mir = run_mirrored(io, vm, disk, ops, bs)
-                idle = (vra_stats()["idle_s"] - idle0) / t_mir
-                bitmap_writes += io.stats.bitmap_writes - bm0
-                t_nofill = None
-                if not args.no_nofill_baseline:
-                    flush()
-                    t_nofill = run_raw_nofill(io, disk, ops)
-                    nofill_best = max(nofill_best, nbytes / t_nofill / 1e6)
-                raw_best = max(raw_best, nbytes / t_raw / 1e6)
-                pair_ratios.append(t_raw / t_mir)
-                if nbytes / t_mir / 1e6 > mir_best:
-                    mir_best, idle_share = nbytes / t_mir / 1e6, idle
-                guest_best = max(guest_best, nbytes / t_guest / 1e6)
-                log(f"  {bs // KiB:>5} KiB run {i + 1}/{repeat}: {n} writes, "
-                    f"raw {nbytes / t_raw / 1e6:7.1f} MB/s, mirrored {nbytes / t_mir / 1e6:7.1f} MB/s "
-                    f"(guest-visible {nbytes / t_guest / 1e6:7.1f}; VRA idle {idle:4.0%}; "
-                    f"{doorbells[0] - db0} doorbells), ratio {t_raw / t_mir:.3f}"
-                    + (f"; raw no fill {nbytes / t_nofill / 1e6:7.1f} MB/s" if t_nofill else ""))
+                # Three runs of the same writes (the same data: the replica check holds whatever
+                # the order), in an order that turns each slice, so drift favours no side.
+                order = ("reused", "rotating", "mirrored")
+                order = order[i % 3:] + order[:i % 3]
+                t = {}
+                for side in order:
+                    if side == "mirrored":
+                        bm0, db0, idle0 = io.stats.bitmap_writes, doorbells[0], vra_stats()["idle_s"]
+                        t_guest, t["mirrored"] = run_mirrored(io, vm, disk, ops, bs)
+                        idle_sum += vra_stats()["idle_s"] - idle0
+                        bitmap_writes += io.stats.bitmap_writes - bm0
+                        doorbell_count += doorbells[0] - db0
+                    else:
+                        t[side] = run_raw(io, disk, ops, bs, region if side == "rotating" else None)
+                t_reused += t["reused"]
+                t_rot += t["rotating"]
+                t_mir_sum += t["mirrored"]
+                t_guest_sum += t_guest
+                pair_ratios.append(min(t["reused"], t["rotating"]) / t["mirrored"])
+                if args.verbose:
+                    log(f"  {bs // KiB:>5} KiB slice {i + 1}/{slices}: {n} writes, raw "
+                        f"{nbytes / t['reused'] / 1e6:7.1f} (reused) {nbytes / t['rotating'] / 1e6:7.1f} "
+                        f"(rotating) MB/s, mirrored {nbytes / t['mirrored'] / 1e6:7.1f} MB/s, "
+                        f"ratio {pair_ratios[-1]:.3f}")
                 del ops
+            total = nbytes * slices
+            reused_mbps = total / t_reused / 1e6
+            rot_mbps = total / t_rot / 1e6
+            raw_mbps = max(reused_mbps, rot_mbps)   # the baseline: the faster raw way
+            mir_mbps = total / t_mir_sum / 1e6
+            idle_share = idle_sum / t_mir_sum
+            prs = sorted(pair_ratios)
+            log(f"  {bs // KiB:>5} KiB: {slices} slices of {n} writes; raw {raw_mbps:.1f} MB/s, "
+                f"mirrored {mir_mbps:.1f} MB/s, ratio {mir_mbps / raw_mbps:.3f} (slices "
+                f"{prs[0]:.3f} / median {prs[len(prs) // 2]:.3f} / {prs[-1]:.3f}); VRA idle "
+                f"{idle_share:.0%}; {doorbell_count} doorbells")
             vra_after = vra_stats()
             applied = vra_after["writes"] - vra_before["writes"]
             warmup_bitmap = io.stats.bitmap_writes - bm_before - bitmap_writes
-            mirrored_expected = n_probe + n * repeat - bitmap_writes - warmup_bitmap
+            mirrored_expected = n_probe + n * slices - bitmap_writes - warmup_bitmap
             src_sha = sha256_file(disk_path, capacity)
             rep_sha = sha256_file(replica_path, capacity)
             seq_errors = vra_after["seq_errors"] - vra_before["seq_errors"]
             match = src_sha == rep_sha and applied == mirrored_expected and seq_errors == 0
             results[f"{bs // KiB}KiB"] = {
-                "block_size": bs, "writes_per_run": n,
-                "raw_mbps": round(raw_best, 1), "mirrored_mbps": round(mir_best, 1),
-                "mirrored_guest_mbps": round(guest_best, 1),
-                "raw_nofill_mbps": round(nofill_best, 1) if nofill_best else None,
+                "block_size": bs, "slices": slices, "writes_per_slice": n,
+                "raw_mbps": round(raw_mbps, 1), "mirrored_mbps": round(mir_mbps, 1),
+                "mirrored_guest_mbps": round(total / t_guest_sum / 1e6, 1),
+                "raw_reused_buffer_mbps": round(reused_mbps, 1),
+                "raw_rotating_buffers_mbps": round(rot_mbps, 1),
                 "vra_idle_share": round(idle_share, 3),
-                "ratio": round(mir_best / raw_best, 3) if raw_best else 0.0,
-                "ratio_nofill": round(mir_best / nofill_best, 3) if nofill_best else None,
+                "ratio": round(mir_mbps / raw_mbps, 3),
                 "pair_ratios": [round(x, 3) for x in pair_ratios],
+                "pair_ratio_median": round(prs[len(prs) // 2], 3),
                 "bitmap_writes": bitmap_writes, "replica_match": match,
                 "vra_applied": applied, "vra_seq_errors": seq_errors,
             }
@@ -450,8 +479,9 @@ def main(argv=None) -> int:
     elapsed = time.monotonic() - started
     load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     if args.json:
-        print(json.dumps({"disk_mib": args.disk_mib, "ring_mib": args.ring_mib, "repeat": repeat,
-                          "seconds_per_raw_run": seconds, "consumer_ack": "every record",
+        print(json.dumps({"disk_mib": args.disk_mib, "ring_mib": args.ring_mib, "slices": slices,
+                          "raw_seconds": seconds, "disk_writes": "O_DIRECT" if direct else "buffered",
+                          "consumer_ack": "every record",
                           "hot_window": hot_window,
                           "results": results,
                           "goal": {"block_size": GOAL_BS, "min_ratio": GOAL_RATIO,
@@ -461,22 +491,24 @@ def main(argv=None) -> int:
     else:
         print()
         print(f"disk {args.disk_mib} MiB, ring {args.ring_mib} MiB (hot window "
-              f"{hot_window / MiB:g} MiB), best of {repeat}, VRA in a separate process acking every record")
-        print(f"{'block':>7} {'raw MB/s':>10} {'mirrored MB/s':>14} {'ratio':>6} {'pairs min-max':>14} "
-              f"{'bitmap writes':>14} {'replica':>8} | {'guest-visible':>13} {'VRA idle':>8} "
-              f"{'raw no fill':>11} {'ratio':>6}")
+              f"{hot_window / MiB:g} MiB), {slices} alternating raw/mirrored slices, disk writes "
+              f"{'O_DIRECT' if direct else 'buffered'}, VRA in a separate process acking every record")
+        print(f"{'block':>7} {'raw MB/s':>9} {'(reused':>8} {'rotating)':>9} {'mirrored MB/s':>14} "
+              f"{'ratio':>6} {'slices min/med/max':>20} {'bitmap writes':>14} {'replica':>8} | "
+              f"{'guest-visible':>13} {'VRA idle':>8}")
         for r in results.values():
-            nofill = r["raw_nofill_mbps"]
             pr = r["pair_ratios"]
-            print(f"{r['block_size'] // KiB:>4} KiB {r['raw_mbps']:>10.1f} {r['mirrored_mbps']:>14.1f} "
-                  f"{r['ratio']:>6.3f} {f'{min(pr):.3f}-{max(pr):.3f}':>14} {r['bitmap_writes']:>14} "
+            spread = f"{min(pr):.3f}/{r['pair_ratio_median']:.3f}/{max(pr):.3f}"
+            print(f"{r['block_size'] // KiB:>4} KiB {r['raw_mbps']:>9.1f} {r['raw_reused_buffer_mbps']:>8.1f} "
+                  f"{r['raw_rotating_buffers_mbps']:>9.1f} {r['mirrored_mbps']:>14.1f} "
+                  f"{r['ratio']:>6.3f} {spread:>20} {r['bitmap_writes']:>14} "
                   f"{'OK' if r['replica_match'] else 'MISMATCH':>8} | {r['mirrored_guest_mbps']:>13.1f} "
-                  f"{r['vra_idle_share']:>8.0%} {nofill if nofill else '-':>11} "
-                  f"{r['ratio_nofill'] if nofill else '-':>6}")
-        print("(both sides: the guest fills a buffer with its data, then writes it; raw: its own buffer "
-              "and a plain pwrite; mirrored: the ring slot, until the VRA acked it. guest-visible: until "
-              "the last mirrored write returned. raw no fill: pwrite straight from the prepared content, "
-              "the guest doing no work: informational)")
+                  f"{r['vra_idle_share']:>8.0%}")
+        print("(each slice writes the same seeded writes three ways, in turn: raw from one reused "
+              "buffer, raw from buffers rotating through a ring-sized region, and mirrored; raw MB/s "
+              "is the faster raw way, the baseline of the ratio. MB/s: all slices' bytes over all "
+              "slices' time. mirrored: until the VRA acked the last record; guest-visible: until the "
+              "last mirrored write returned)")
         if any(r["bitmap_writes"] for r in results.values()):
             print("!!! some mirrored runs fell back to the dirty bitmap: those figures do not count !!!")
         print(f"max ring stall {io_stats['max_stall_ms']:.2f} ms; elapsed {elapsed:.1f} s; "
