@@ -35,7 +35,6 @@ from .resync import ResyncMixin, dirty_blocks  # noqa: F401  (dirty_blocks re-ex
 
 DIRTY_BLOCK = 64 << 10       # bitmap granularity
 STALL_BUDGET = 0.050         # longest a guest write may wait for ring space
-DIO_ALIGN = 512              # O_DIRECT: file offset, length and memory aligned to this
 # Guest writes go to the disk file with O_DIRECT, as a hypervisor writes a VM's disk: the
 # datastore, not the host's page cache, takes the write (ESXi has no page cache for VMFS;
 # Hyper-V and QEMU cache=none write unbuffered). Reads stay buffered; the kernel keeps the two
