@@ -6,7 +6,7 @@
 
 For each block size (4 KiB, 64 KiB, 1 MiB; random pattern, random content,
 seeded) the same guest writes from ``simulator.workload.Generator`` +
-``Content`` are issued three ways. In each the guest does the same work per
+``Content`` are issued four ways. In each the guest does the same work per
 write: it fills a write buffer with its data (one memory copy from the prepared
 content, the same ``fill`` function everywhere) and then the write is issued:
 
@@ -15,6 +15,11 @@ content, the same ``fill`` function everywhere) and then the write is issued:
   file (``Disk.write``: O_DIRECT, as the host writes guest data), no IO filter;
 * raw, rotating buffers: the same, with buffers rotating through a region as
   large as the ring, in slots laid out like the ring's payloads;
+* raw, another CPU busy (information only): raw from rotating buffers while a
+  plain busy loop runs in another process, keeping a second CPU as busy as the
+  VRA keeps one during the mirrored run. On a virtual machine, a busy second
+  vCPU can slow the first one's disk writes; this shows how much of the gap is
+  that (bench/RESULTS.md, seventh session);
 * mirrored: ``IOPath.write`` with a VRA attached: the buffer the guest fills is
   the record's payload in the shared-memory ring, the IO path checksums it,
   writes it to the disk file from the ring (O_DIRECT) and commits it. The VRA is
@@ -25,11 +30,11 @@ content, the same ``fill`` function everywhere) and then the write is issued:
   protected VRA keeps no replica on the host), and acknowledges every record.
 
 The disk on this kind of machine (a virtual disk) changes speed by 2-3x within
-seconds, so the three ways do not run one after the other for long: each block
-size runs N short slices (24; 6 with --quick), each slice the three ways over
+seconds, so the ways do not run one after the other for long: each block
+size runs N short slices (24; 6 with --quick), each slice the four ways over
 the same writes in an order that turns from slice to slice. A rate is all
-slices' bytes over all slices' time; the ratio is mirrored over the faster raw
-way. The per-slice ratios (against that slice's faster raw) are printed for the
+slices' bytes over all slices' time; the ratio (the goal's) is mirrored over
+the faster of the two plain raw ways. The per-slice ratios (against that slice's faster raw) are printed for the
 spread. The mirrored time runs from the first write until the VRA has
 acknowledged the last record (sustained, not just what the guest saw; the
 guest-visible rate is printed as well).
@@ -131,6 +136,16 @@ def vra_main(doorbell: str, replica: str, conn, cpu: int | None = None):
     finally:
         os.close(fd)
         client.close()
+
+
+def busy_main(run, stop):
+    """A plain busy loop while ``run`` is set: keeps a CPU as busy as a working VRA keeps it."""
+    while not stop.is_set():
+        if run.wait(0.2):
+            x = 0
+            while run.is_set():
+                for _ in range(1000):
+                    x += 1
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -286,7 +301,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="tidemark-bench-", dir=args.dir))
-    host = proc = parent_conn = shm = replica_path = None
+    host = proc = parent_conn = shm = replica_path = busy = busy_stop = None
     stop = threading.Event()
     results = {}
     try:
@@ -336,6 +351,9 @@ def main(argv=None) -> int:
                                                   cpus[1] if pin else None),
                            name="bench-vra", daemon=True)
         proc.start()
+        busy_run, busy_stop = ctx.Event(), ctx.Event()
+        busy = ctx.Process(target=busy_main, args=(busy_run, busy_stop), name="bench-busy", daemon=True)
+        busy.start()
         if not parent_conn.poll(30) or parent_conn.recv() != "ready":
             raise RuntimeError("the VRA process did not start")
         if pin:  # the guest (this process) on one CPU, the VRA on another
@@ -377,17 +395,17 @@ def main(argv=None) -> int:
             run_mirrored(io, vm, disk, probe, bs)   # warm-up; also keeps the replica in step
             n_probe = len(probe)
             del probe
-            t_reused = t_rot = t_mir_sum = t_guest_sum = idle_sum = 0.0
+            t_reused = t_rot = t_busy = t_mir_sum = t_guest_sum = idle_sum = 0.0
             bitmap_writes = doorbell_count = 0
             pair_ratios = []
             nbytes = n * bs
             for i in range(slices):
                 ops = make_ops(bs, n, args.seed * 1_000_003 + bs * 31 + i, capacity, content)
                 flush()
-                # Three runs of the same writes (the same data: the replica check holds whatever
-                # the order), in an order that turns each slice, so drift favours no side.
-                order = ("reused", "rotating", "mirrored")
-                order = order[i % 3:] + order[:i % 3]
+                # Runs of the same writes (the same data: the replica check holds whatever the
+                # order), in an order that turns each slice, so drift favours no side.
+                order = ("reused", "rotating", "mirrored", "busy")
+                order = order[i % 4:] + order[:i % 4]
                 t = {}
                 for side in order:
                     if side == "mirrored":
@@ -396,10 +414,16 @@ def main(argv=None) -> int:
                         idle_sum += vra_stats()["idle_s"] - idle0
                         bitmap_writes += io.stats.bitmap_writes - bm0
                         doorbell_count += doorbells[0] - db0
+                    elif side == "busy":              # informational: another CPU kept busy
+                        busy_run.set()
+                        time.sleep(0.01)
+                        t[side] = run_raw(io, disk, ops, bs, region)
+                        busy_run.clear()
                     else:
                         t[side] = run_raw(io, disk, ops, bs, region if side == "rotating" else None)
                 t_reused += t["reused"]
                 t_rot += t["rotating"]
+                t_busy += t["busy"]
                 t_mir_sum += t["mirrored"]
                 t_guest_sum += t_guest
                 pair_ratios.append(min(t["reused"], t["rotating"]) / t["mirrored"])
@@ -414,12 +438,14 @@ def main(argv=None) -> int:
             rot_mbps = total / t_rot / 1e6
             raw_mbps = max(reused_mbps, rot_mbps)   # the baseline: the faster raw way
             mir_mbps = total / t_mir_sum / 1e6
+            busy_mbps = total / t_busy / 1e6
             idle_share = idle_sum / t_mir_sum
             prs = sorted(pair_ratios)
             log(f"  {bs // KiB:>5} KiB: {slices} slices of {n} writes; raw {raw_mbps:.1f} MB/s, "
                 f"mirrored {mir_mbps:.1f} MB/s, ratio {mir_mbps / raw_mbps:.3f} (slices "
                 f"{prs[0]:.3f} / median {prs[len(prs) // 2]:.3f} / {prs[-1]:.3f}); VRA idle "
-                f"{idle_share:.0%}; {doorbell_count} doorbells")
+                f"{idle_share:.0%}; {doorbell_count} doorbells; raw with another CPU busy "
+                f"{busy_mbps:.1f} MB/s, mirrored / that {mir_mbps / busy_mbps:.3f}")
             vra_after = vra_stats()
             applied = vra_after["writes"] - vra_before["writes"]
             warmup_bitmap = io.stats.bitmap_writes - bm_before - bitmap_writes
@@ -434,6 +460,8 @@ def main(argv=None) -> int:
                 "mirrored_guest_mbps": round(total / t_guest_sum / 1e6, 1),
                 "raw_reused_buffer_mbps": round(reused_mbps, 1),
                 "raw_rotating_buffers_mbps": round(rot_mbps, 1),
+                "raw_other_cpu_busy_mbps": round(busy_mbps, 1),
+                "ratio_vs_raw_other_cpu_busy": round(mir_mbps / busy_mbps, 3),
                 "vra_idle_share": round(idle_share, 3),
                 "ratio": round(mir_mbps / raw_mbps, 3),
                 "pair_ratios": [round(x, 3) for x in pair_ratios],
@@ -453,6 +481,12 @@ def main(argv=None) -> int:
         io_stats = dict(vars(io.stats))
         hot_window = io.ring.hot_window
     finally:
+        if busy is not None:
+            busy_stop.set()
+            busy.join(5)
+            if busy.is_alive():
+                busy.terminate()
+                busy.join(5)
         if parent_conn is not None:
             try:
                 parent_conn.send("stop")
@@ -491,11 +525,11 @@ def main(argv=None) -> int:
     else:
         print()
         print(f"disk {args.disk_mib} MiB, ring {args.ring_mib} MiB (hot window "
-              f"{hot_window / MiB:g} MiB), {slices} alternating raw/mirrored slices, disk writes "
+              f"{hot_window / MiB:g} MiB), {slices} slices of the four ways, disk writes "
               f"{'O_DIRECT' if direct else 'buffered'}, VRA in a separate process acking every record")
         print(f"{'block':>7} {'raw MB/s':>9} {'(reused':>8} {'rotating)':>9} {'mirrored MB/s':>14} "
               f"{'ratio':>6} {'slices min/med/max':>20} {'bitmap writes':>14} {'replica':>8} | "
-              f"{'guest-visible':>13} {'VRA idle':>8}")
+              f"{'guest-visible':>13} {'VRA idle':>8} {'raw, CPU busy':>13} {'ratio':>6}")
         for r in results.values():
             pr = r["pair_ratios"]
             spread = f"{min(pr):.3f}/{r['pair_ratio_median']:.3f}/{max(pr):.3f}"
@@ -503,10 +537,13 @@ def main(argv=None) -> int:
                   f"{r['raw_rotating_buffers_mbps']:>9.1f} {r['mirrored_mbps']:>14.1f} "
                   f"{r['ratio']:>6.3f} {spread:>20} {r['bitmap_writes']:>14} "
                   f"{'OK' if r['replica_match'] else 'MISMATCH':>8} | {r['mirrored_guest_mbps']:>13.1f} "
-                  f"{r['vra_idle_share']:>8.0%}")
-        print("(each slice writes the same seeded writes three ways, in turn: raw from one reused "
-              "buffer, raw from buffers rotating through a ring-sized region, and mirrored; raw MB/s "
-              "is the faster raw way, the baseline of the ratio. MB/s: all slices' bytes over all "
+                  f"{r['vra_idle_share']:>8.0%} {r['raw_other_cpu_busy_mbps']:>13.1f} "
+                  f"{r['ratio_vs_raw_other_cpu_busy']:>6.3f}")
+        print("(each slice writes the same seeded writes four ways, in turn: raw from one reused "
+              "buffer, raw from buffers rotating through a ring-sized region, mirrored, and raw rotating "
+              "with another CPU busy; raw MB/s "
+              "is the faster plain raw way, the baseline of the ratio. raw, CPU busy: information only. "
+              "MB/s: all slices' bytes over all "
               "slices' time. mirrored: until the VRA acked the last record; guest-visible: until the "
               "last mirrored write returned)")
         if any(r["bitmap_writes"] for r in results.values()):
