@@ -34,10 +34,11 @@ seconds, so the ways do not run one after the other for long: each block
 size runs N short slices (24; 6 with --quick), each slice the four ways over
 the same writes in an order that turns from slice to slice. A rate is all
 slices' bytes over all slices' time; the ratio (the goal's) is mirrored over
-the faster of the two plain raw ways. The per-slice ratios (against that slice's faster raw) are printed for the
-spread. The mirrored time runs from the first write until the VRA has
-acknowledged the last record (sustained, not just what the guest saw; the
-guest-visible rate is printed as well).
+the faster of the two plain raw ways. The per-slice ratios (against that
+slice's faster plain raw) are printed for the spread. The mirrored time runs
+from the first write until the VRA has acknowledged the last record
+(sustained, not just what the guest saw; the guest-visible rate is printed as
+well).
 
 The disk and replica files are written once with zeros before timing (no run
 pays ext4's first-write conversion of fallocated extents), and the disk file
@@ -257,9 +258,10 @@ def main(argv=None) -> int:
     ap.add_argument("--disk-mib", type=int, default=256, help="disk size (default 256 MiB)")
     ap.add_argument("--seconds", type=float, default=None,
                     help="raw writing time per block size, over all slices (default 6, 1.5 with "
-                         "--quick); the mirrored and no-fill runs take about as long each")
+                         "--quick); each of the other ways takes about as long")
     ap.add_argument("--slices", type=int, default=None,
-                    help="raw/mirrored pairs per block size (default 24, 6 with --quick)")
+                    help="slices per block size, each writing the four ways (default 24, 6 with "
+                         "--quick)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every slice")
     ap.add_argument("--ring-mib", type=int, default=64, help="ring capacity (default 64 MiB, the host's)")
     ap.add_argument("--dir", default=None, help="where to put the disk files (default: system temp)")
@@ -366,7 +368,7 @@ def main(argv=None) -> int:
         direct = disk.dio_fd is not None
         log(f"VRA attached (pid {proc.pid}); ring {args.ring_mib} MiB in {shm}; disk writes "
             f"{'O_DIRECT' if direct else 'buffered (the file system refused O_DIRECT)'}; "
-            f"{slices} raw/mirrored pairs, ~{seconds:g} s of raw writing per block size")
+            f"{slices} slices, ~{seconds:g} s of raw writing per block size")
 
         if args.hot_window_mib is not None:
             hw = int(args.hot_window_mib * MiB)
@@ -374,6 +376,7 @@ def main(argv=None) -> int:
             io.ring._hot_lag = io.ring.hot_window >> 1
         log(f"ring hot window {io.ring.hot_window / MiB:g} MiB")
         region = memoryview(mmap.mmap(-1, args.ring_mib * MiB))   # the rotating raw buffers
+        region[:] = bytes(len(region))    # touched once, as the warm-up touches the whole ring
         content = Content(args.seed)
 
         def vra_stats():
