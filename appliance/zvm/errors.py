@@ -53,6 +53,10 @@ class Unavailable(ZVMError):
     status, title, exit_code = 503, "Unavailable", 6
 
 
+class CheckpointLost(Unavailable):
+    """A valid checkpoint the recovery site did not make recoverable (a later one is)."""
+
+
 def problem(status: int, title: str, detail: str) -> dict:
     """An RFC 7807 problem document; `Message` too, for clients of the ErrorResponse shape."""
     return {"type": "about:blank", "title": title, "status": status, "detail": detail,

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 
-from .errors import BadRequest, Conflict, NotFound, Unavailable, ZVMError
+from .errors import BadRequest, CheckpointLost, Conflict, NotFound, Unavailable, ZVMError
 from .vpgsettings import journal_limits
 
 log = logging.getLogger("tidemark.zvm.vpgs")
@@ -411,16 +411,42 @@ class Vpgs:
     def wait_recoverable(self, vpg: dict, cp_id, deadline: float, *, required: bool = True) -> dict | None:
         """The recovery site's listing entry ``{id, time, tag}`` of checkpoint ``cp_id`` once it is
         recoverable (every write before it durable there). By ``deadline``: Unavailable, or
-        None when not ``required``."""
+        None when not ``required``.
+
+        A checkpoint the recovery VRA could not make recoverable (its barrier was abandoned: a
+        participant's marker lost in a restart, or late beyond the barrier's limit) is never
+        listed. COMMITs reach the recovery VRA in checkpoint order, so once a later checkpoint
+        is listed and ``cp_id`` is not, it never will be: CheckpointLost at once (None when not
+        ``required``) instead of waiting out the deadline."""
         while True:
-            got = next((c for c in self.checkpoints(vpg) if c["id"] == cp_id), None)
+            listing = self.checkpoints(vpg)
+            got = next((c for c in listing if c["id"] == cp_id), None)
             if got is not None:
                 return got
+            later = [c["id"] for c in listing if c["id"] > cp_id]
+            if later:
+                if not required:
+                    return None
+                raise CheckpointLost(f"checkpoint {cp_id} of VPG {vpg['name']} was not made recoverable "
+                                     f"at the recovery site (a later one, {later[0]}, is)")
             if time.monotonic() > deadline:
                 if not required:
                     return None
                 raise Unavailable(f"checkpoint {cp_id} of VPG {vpg['name']} did not become recoverable in time")
             time.sleep(0.3)
+
+    def recoverable_checkpoint(self, vpg: dict, tag: str | None, deadline: float, **kw) -> tuple[dict, dict]:
+        """A valid checkpoint taken now and its recovery-site listing entry once recoverable:
+        ``(leader's answer, entry)``. One the recovery site lost (CheckpointLost) is replaced
+        by a new one, until ``deadline``. ``kw`` goes to ``valid_checkpoint``."""
+        while True:
+            cp = self.valid_checkpoint(vpg, tag, deadline, **kw)
+            try:
+                return cp, self.wait_recoverable(vpg, cp["id"], deadline)
+            except CheckpointLost as exc:
+                log.warning("%s; taking another", exc)
+                if time.monotonic() > deadline:
+                    raise
 
     # ------------------------------------------------------------------ recovery side
     def check_recovery(self, settings: dict, vms: list[dict]) -> None:

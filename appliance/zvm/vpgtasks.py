@@ -58,8 +58,7 @@ class VpgOp(Operation):
     def wait_valid_checkpoint(self, tag: str | None = None) -> dict:
         """A valid checkpoint taken now, once the recovery VRA lists it as recoverable."""
         deadline = time.monotonic() + CHECKPOINT_WAIT_S
-        cp = self.vpgs.valid_checkpoint(self.vpg(), tag, deadline)
-        self.vpgs.wait_recoverable(self.vpg(), cp["id"], deadline)
+        cp, _entry = self.vpgs.recoverable_checkpoint(self.vpg(), tag, deadline)
         return cp
 
 

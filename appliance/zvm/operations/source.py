@@ -74,8 +74,7 @@ class SourceSide:
         write before it is durable there."""
         vpg = self._vpg(vpg_id)
         deadline = time.monotonic() + timeout_s
-        cp = self.vpgs.valid_checkpoint(vpg, tag, deadline, step_s=0.3)
-        return self.vpgs.wait_recoverable(vpg, cp["id"], deadline)
+        return self.vpgs.recoverable_checkpoint(vpg, tag, deadline, step_s=0.3)[1]
 
     def stop(self, vpg_id: str) -> None:
         self.vpgs.unprotect(self._vpg(vpg_id))
