@@ -150,13 +150,15 @@ def busy_main(run, stop):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def preallocate(path: str, size: int, written: bool = True):
+def preallocate(path: str, size: int, written: bool = True, cached: bool = True):
     """Allocate the whole file and read it once, so that every page is cached and clean.
 
     ``written``: write every block once (zeros), like an eager-zeroed thick disk, so that no
     timed run pays the filesystem's conversion of never-written (fallocated) extents, which
     makes a file slower the first time each region is written and so drifts from run to run.
-    Otherwise only fallocate.
+    Otherwise only fallocate. ``cached`` False: instead of the read, drop the file from the
+    page cache (a disk the host writes with O_DIRECT: a cached page would cost the first
+    direct write of its range an invalidation).
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -172,6 +174,10 @@ def preallocate(path: str, size: int, written: bool = True):
                 os.posix_fallocate(fd, 0, size)
             except OSError:
                 pass  # a filesystem without fallocate: the read pass still caches the pages
+        if not cached:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            return
         buf = bytearray(8 * MiB)
         view = memoryview(buf)
         for off in range(0, size, len(buf)):
@@ -318,14 +324,9 @@ def main(argv=None) -> int:
         rdir = work if args.replica_dir == "disk" else Path(args.replica_dir) if args.replica_dir else shm
         replica_path = str(rdir / "replica0.img")
         log(f"pre-allocating {args.disk_mib} MiB disk in {work}, replica in {rdir} ...")
-        preallocate(disk_path, capacity, args.disk_init == "written")
+        preallocate(disk_path, capacity, args.disk_init == "written", cached=False)   # O_DIRECT
         preallocate(replica_path, capacity, args.disk_init == "written")
         flush()
-        # The host writes the disk with O_DIRECT: none of it needs to stay in the page cache
-        # (a cached page would cost the first direct write of its range an invalidation).
-        fd = os.open(disk_path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
         host = Host(state)
         threading.Thread(target=host.serve_doorbell, args=(stop,), daemon=True).start()
         deadline = time.monotonic() + 5

@@ -223,12 +223,7 @@ class IOPath(ResyncMixin):
                 pos, _seq, view = got
                 fill(view)
                 ring.seal(pos, view)
-                try:
-                    os.pwrite(disk.wfd, view, offset)     # disk.write, inlined
-                except OSError as exc:
-                    if exc.errno != _EINVAL or disk.wfd == disk.fd:
-                        raise
-                    os.pwrite(disk.fd, view, offset)
+                disk.write(view, offset)
                 ring.commit(pos)
                 stats.mirrored_writes += 1
                 stats.mirrored_bytes += length

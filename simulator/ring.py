@@ -54,6 +54,7 @@ assert REC.size == 64
 # to the disk with O_DIRECT, which wants the memory and the file offset 512-aligned.
 REC_ALIGN = 512
 PAYLOAD_OFFSET = 512
+assert REC_ALIGN == PAYLOAD_OFFSET == 512   # RingProducer.reserve and _Mapped.read inline 511/-512
 CONSUMER_SPIN = 0.0005  # how long a consumer polls before it sleeps on the doorbell
 # A producer whose consumer keeps up may reuse only this much of the ring, so that it stays in
 # the CPU caches (``reserve``). Off (0) by default: the PAD that takes the producer back to the
