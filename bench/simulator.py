@@ -40,6 +40,15 @@ from the first write until the VRA has acknowledged the last record
 (sustained, not just what the guest saw; the guest-visible rate is printed as
 well).
 
+After the slices, the IO path's own work is measured apart (information only):
+the same ``IOPath.write`` on a second IO path with a ring of its own (freed in
+this process, no VRA) and a disk whose write is a no-op, against the raw way's
+fill with the same no-op: the CPU the path adds to a write (reservation, XXH3
+checksum, commit), best of 30 rounds, and the ratio that cost alone would leave
+against the raw write time just measured. What the mirrored ratio loses beyond
+that is lost outside the path's own work: in this machine's disk writes while
+the VRA runs beside them (bench/RESULTS.md, seventh and eighth sessions).
+
 The disk and replica files are written once with zeros before timing (no run
 pays ext4's first-write conversion of fallocated extents), and the disk file
 is then dropped from the page cache (the host writes it with O_DIRECT). The
@@ -256,6 +265,71 @@ def flush():
     os.sync()
 
 
+CPU_ROUNDS = 30
+
+
+def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, rounds=CPU_ROUNDS) -> tuple[float, float]:
+    """The IO path's own CPU per write, with no disk and no VRA in the way: (mirrored µs, raw µs).
+
+    A second IO path on a ring of its own (freed by this process after each round, so no
+    VRA runs) writes ``ops`` through ``IOPath.write`` to a disk whose write is a no-op, and
+    the raw way fills the same rotating buffers as the raw runs and calls the same no-op.
+    Best of ``rounds``: the cost of the work itself, not of what else the machine did.
+    The difference is what the IO path adds to each write (reservation, checksum, commit).
+    """
+    from simulator.iopath import IOPath, VMRuntime, Disk
+
+    scratch = Path(tempfile.mkdtemp(prefix="tidemark-bench-cpu-", dir=ring_dir))
+    io = cons = disk = None
+    try:
+        io = IOPath(str(scratch / "cpu.ring"), ring_mib * MiB)
+        data = io.ring.view[R.HEADER_SIZE:]
+        for off in range(0, len(data), 8 * MiB):    # touched once: no round pays first faults
+            n = min(8 * MiB, len(data) - off)
+            data[off:off + n] = bytes(n)
+        del data
+        disk = Disk(0, str(scratch / "cpu.img"), max(off for off, _ in ops) + bs, direct=False)
+        vm = VMRuntime(str(uuid.uuid5(uuid.NAMESPACE_DNS, "bench-cpu")), "bench-cpu", [disk])
+        io.vms[vm.uuid] = vm
+        disk.write = lambda view, offset: None      # this disk object only: no disk in the way
+        io.attached = "bench-cpu"
+        cons = R.RingConsumer(str(scratch / "cpu.ring"))
+        fills = [(off, _filler(src)) for off, src in ops]
+        step = R.record_size(bs)
+        slots = [region[p + R.PAYLOAD_OFFSET:p + R.PAYLOAD_OFFSET + bs]
+                 for p in range(0, len(region) - step + 1, step)]
+        write, raw_write = io.write, io.raw_write
+        best_m = best_r = math.inf
+        k = 0
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for off, fill in fills:
+                write(vm, disk, off, bs, fill)
+            t1 = time.perf_counter()
+            cons.cursor = io.ring._head
+            cons.ack()                                  # frees the round's records
+            t2 = time.perf_counter()
+            for off, fill in fills:
+                buf = slots[k % len(slots)]
+                k += 1
+                fill(buf)
+                raw_write(disk, off, buf)
+            t3 = time.perf_counter()
+            best_m = min(best_m, (t1 - t0) / len(fills))
+            best_r = min(best_r, (t3 - t2) / len(fills))
+        if io.stats.bitmap_writes:
+            raise RuntimeError("the CPU-cost ring overflowed")
+        return best_m * 1e6, best_r * 1e6
+    finally:
+        if cons is not None:
+            cons.close()
+        if disk is not None:
+            disk.close()
+        if io is not None:
+            io.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 # -- main ------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -450,6 +524,19 @@ def main(argv=None) -> int:
                 f"{prs[0]:.3f} / median {prs[len(prs) // 2]:.3f} / {prs[-1]:.3f}); VRA idle "
                 f"{idle_share:.0%}; {doorbell_count} doorbells; raw with another CPU busy "
                 f"{busy_mbps:.1f} MB/s, mirrored / that {mir_mbps / busy_mbps:.3f}")
+            # The IO path's own work, apart from the disk and the VRA (information: what the
+            # path adds to a write, and the ratio that alone would leave at this raw speed).
+            n_cpu = max(8, min(500, args.ring_mib * MiB // 2 // R.record_size(bs)))
+            cpu_mir, cpu_raw = path_cpu_cost(
+                bs, make_ops(bs, n_cpu, args.seed * 65_537 + bs, capacity, content), region,
+                str(shm), args.ring_mib)
+            path_us = cpu_mir - cpu_raw
+            raw_us = bs / raw_mbps                  # µs per raw write (MB/s = bytes per µs)
+            path_ratio = raw_us / (raw_us + path_us)
+            log(f"  {bs // KiB:>5} KiB: the IO path's own work {path_us:.1f} µs per write "
+                f"(mirrored {cpu_mir:.1f} - raw {cpu_raw:.1f} µs of CPU, disk write left out, best "
+                f"of {CPU_ROUNDS} rounds of {n_cpu}); against {raw_us:.1f} µs per raw write that alone "
+                f"would leave a ratio of {path_ratio:.3f}")
             vra_after = vra_stats()
             applied = vra_after["writes"] - vra_before["writes"]
             warmup_bitmap = io.stats.bitmap_writes - bm_before - bitmap_writes
@@ -467,6 +554,9 @@ def main(argv=None) -> int:
                 "raw_other_cpu_busy_mbps": round(busy_mbps, 1),
                 "ratio_vs_raw_other_cpu_busy": round(mir_mbps / busy_mbps, 3),
                 "vra_idle_share": round(idle_share, 3),
+                "path_cpu_us": round(path_us, 2), "path_cpu_mirrored_us": round(cpu_mir, 2),
+                "path_cpu_raw_us": round(cpu_raw, 2), "raw_us_per_write": round(raw_us, 1),
+                "ratio_path_alone": round(path_ratio, 3),
                 "ratio": round(mir_mbps / raw_mbps, 3),
                 "pair_ratios": [round(x, 3) for x in pair_ratios],
                 "pair_ratio_median": round(prs[len(prs) // 2], 3),
@@ -550,6 +640,10 @@ def main(argv=None) -> int:
               "MB/s: all slices' bytes over all "
               "slices' time. mirrored: until the VRA acked the last record; guest-visible: until the "
               "last mirrored write returned)")
+        print("the IO path's own work per write (CPU, no disk, no VRA; information only): " + "; ".join(
+            f"{r['block_size'] // KiB} KiB {r['path_cpu_us']:.1f} µs of {r['raw_us_per_write']:.1f} "
+            f"µs per raw write, ratio it alone leaves {r['ratio_path_alone']:.3f}"
+            for r in results.values()))
         if any(r["bitmap_writes"] for r in results.values()):
             print("!!! some mirrored runs fell back to the dirty bitmap: those figures do not count !!!")
         print(f"max ring stall {io_stats['max_stall_ms']:.2f} ms; elapsed {elapsed:.1f} s; "
