@@ -6,20 +6,21 @@
 
 For each block size (4 KiB, 64 KiB, 1 MiB; random pattern, random content,
 seeded) the same guest writes from ``simulator.workload.Generator`` +
-``Content`` are issued four ways. In each the guest does the same work per
+``Content`` are issued five ways. In each the guest does the same work per
 write: it fills a write buffer with its data (one memory copy from the prepared
 content, the same ``fill`` function everywhere) and then the write is issued:
 
 * raw, reused buffer: the guest's buffer is its own, one buffer reused (so it
   stays in the CPU cache), and ``IOPath.raw_write`` writes it to the VM's disk
   file (``Disk.write``: O_DIRECT, as the host writes guest data), no IO filter;
-* raw, rotating buffers: the same, with buffers rotating through a region as
-  large as the ring, in slots laid out like the ring's payloads;
-* raw, another CPU busy (information only): raw from rotating buffers while a
-  plain busy loop runs in another process, keeping a second CPU as busy as the
-  VRA keeps one during the mirrored run. On a virtual machine, a busy second
-  vCPU can slow the first one's disk writes; this shows how much of the gap is
-  that (bench/RESULTS.md, seventh session);
+* raw, ring memory: the same, with buffers rotating through the ring's own data
+  area (free while no way is mirroring: the bench writes payload bytes there,
+  never a header, and the VRA reads nothing past the head), in slots laid out
+  like the ring's payloads. So raw and mirrored writes come from the same
+  memory: on this machine, the same O_DIRECT writes can be 20-35 µs slower from
+  one mapping than from another, depending on which guest memory the mapping
+  got (memory the guest freed and reused recently is slow; bench/RESULTS.md,
+  eighth session), which is no part of the IO path's cost;
 * mirrored: ``IOPath.write`` with a VRA attached: the buffer the guest fills is
   the record's payload in the shared-memory ring, the IO path checksums it,
   writes it to the disk file from the ring (O_DIRECT) and commits it. The VRA is
@@ -27,14 +28,21 @@ content, the same ``fill`` function everywhere) and then the write is issued:
   record (``RingConsumer.poll`` verifies the XXH3 checksum), checks that the
   host seq grows by one, pwrites WRITE payloads to a replica file (in /dev/shm
   unless --replica-dir says otherwise: it only proves the stream complete; a
-  protected VRA keeps no replica on the host), and acknowledges every record.
+  protected VRA keeps no replica on the host), and acknowledges every record;
+* raw, another CPU busy (information only): raw from the ring's memory while a
+  plain busy loop runs in another process, keeping a second CPU as busy as the
+  VRA keeps one during the mirrored run. On a virtual machine, a busy second
+  vCPU can slow the first one's disk writes; this shows how much of the gap is
+  that (bench/RESULTS.md, seventh session);
+* raw, elsewhere (information only): raw from buffers rotating through a
+  separate region as large as the ring, to show the memory effect above.
 
 The disk on this kind of machine (a virtual disk) changes speed by 2-3x within
 seconds, so the ways do not run one after the other for long: each block
-size runs N short slices (24; 6 with --quick), each slice the four ways over
+size runs N short slices (24; 6 with --quick), each slice the five ways over
 the same writes in an order that turns from slice to slice. A rate is all
 slices' bytes over all slices' time; the ratio (the goal's) is mirrored over
-the faster of the two plain raw ways. The per-slice ratios (against that
+the faster of the first two raw ways. The per-slice ratios (against that
 slice's faster plain raw) are printed for the spread. The mirrored time runs
 from the first write until the VRA has acknowledged the last record
 (sustained, not just what the guest saw; the guest-visible rate is printed as
@@ -273,7 +281,7 @@ def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, rounds=CPU_ROUNDS) -> tup
 
     A second IO path on a ring of its own (freed by this process after each round, so no
     VRA runs) writes ``ops`` through ``IOPath.write`` to a disk whose write is a no-op, and
-    the raw way fills the same rotating buffers as the raw runs and calls the same no-op.
+    the raw way fills buffers rotating through ``region`` and calls the same no-op.
     Best of ``rounds``: the cost of the work itself, not of what else the machine did.
     The difference is what the IO path adds to each write (reservation, checksum, commit).
     """
@@ -340,7 +348,7 @@ def main(argv=None) -> int:
                     help="raw writing time per block size, over all slices (default 6, 1.5 with "
                          "--quick); each of the other ways takes about as long")
     ap.add_argument("--slices", type=int, default=None,
-                    help="slices per block size, each writing the four ways (default 24, 6 with "
+                    help="slices per block size, each writing the five ways (default 24, 6 with "
                          "--quick)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every slice")
     ap.add_argument("--ring-mib", type=int, default=64, help="ring capacity (default 64 MiB, the host's)")
@@ -450,8 +458,13 @@ def main(argv=None) -> int:
             io.ring.hot_window = hw if 0 < hw <= io.ring.capacity >> 1 else io.ring.capacity
             io.ring._hot_lag = io.ring.hot_window >> 1
         log(f"ring hot window {io.ring.hot_window / MiB:g} MiB")
-        region = memoryview(mmap.mmap(-1, args.ring_mib * MiB))   # the rotating raw buffers
-        region[:] = bytes(len(region))    # touched once, as the warm-up touches the whole ring
+        # The rotating raw buffers: the ring's own data area (free between the ways: the bench
+        # writes payload bytes there, never a header, and the VRA reads nothing past the head),
+        # so that raw and mirrored writes come from the same memory; and, for information, a
+        # separate region of the same size, touched once as the warm-up touches the ring.
+        ring_area = io.ring.view[R.HEADER_SIZE:R.HEADER_SIZE + io.ring.capacity]
+        region = memoryview(mmap.mmap(-1, args.ring_mib * MiB))
+        region[:] = bytes(len(region))
         content = Content(args.seed)
 
         def vra_stats():
@@ -473,7 +486,7 @@ def main(argv=None) -> int:
             run_mirrored(io, vm, disk, probe, bs)   # warm-up; also keeps the replica in step
             n_probe = len(probe)
             del probe
-            t_reused = t_rot = t_busy = t_mir_sum = t_guest_sum = idle_sum = 0.0
+            t_reused = t_ring = t_busy = t_else = t_mir_sum = t_guest_sum = idle_sum = 0.0
             bitmap_writes = doorbell_count = 0
             pair_ratios = []
             nbytes = n * bs
@@ -482,10 +495,12 @@ def main(argv=None) -> int:
                 flush()
                 # Runs of the same writes (the same data: the replica check holds whatever the
                 # order), in an order that turns each slice, so drift favours no side.
-                order = ("reused", "rotating", "mirrored", "busy")
-                order = order[i % 4:] + order[:i % 4]
+                order = ("reused", "ring", "mirrored", "busy", "elsewhere")
+                order = order[i % 5:] + order[:i % 5]
                 t = {}
                 for side in order:
+                    if side in ("ring", "busy") and io.ring.tail() != io.ring._head:
+                        raise RuntimeError("raw writes from the ring's memory need an empty ring")
                     if side == "mirrored":
                         bm0, db0, idle0 = io.stats.bitmap_writes, doorbells[0], vra_stats()["idle_s"]
                         t_guest, t["mirrored"] = run_mirrored(io, vm, disk, ops, bs)
@@ -495,35 +510,39 @@ def main(argv=None) -> int:
                     elif side == "busy":              # informational: another CPU kept busy
                         busy_run.set()
                         time.sleep(0.01)
-                        t[side] = run_raw(io, disk, ops, bs, region)
+                        t[side] = run_raw(io, disk, ops, bs, ring_area)
                         busy_run.clear()
                     else:
-                        t[side] = run_raw(io, disk, ops, bs, region if side == "rotating" else None)
+                        t[side] = run_raw(io, disk, ops, bs, {"reused": None, "ring": ring_area,
+                                                              "elsewhere": region}[side])
                 t_reused += t["reused"]
-                t_rot += t["rotating"]
+                t_ring += t["ring"]
                 t_busy += t["busy"]
+                t_else += t["elsewhere"]
                 t_mir_sum += t["mirrored"]
                 t_guest_sum += t_guest
-                pair_ratios.append(min(t["reused"], t["rotating"]) / t["mirrored"])
+                pair_ratios.append(min(t["reused"], t["ring"]) / t["mirrored"])
                 if args.verbose:
                     log(f"  {bs // KiB:>5} KiB slice {i + 1}/{slices}: {n} writes, raw "
-                        f"{nbytes / t['reused'] / 1e6:7.1f} (reused) {nbytes / t['rotating'] / 1e6:7.1f} "
-                        f"(rotating) MB/s, mirrored {nbytes / t['mirrored'] / 1e6:7.1f} MB/s, "
+                        f"{nbytes / t['reused'] / 1e6:7.1f} (reused) {nbytes / t['ring'] / 1e6:7.1f} "
+                        f"(ring memory) {nbytes / t['elsewhere'] / 1e6:7.1f} (elsewhere) MB/s, mirrored {nbytes / t['mirrored'] / 1e6:7.1f} MB/s, "
                         f"ratio {pair_ratios[-1]:.3f}")
                 del ops
             total = nbytes * slices
             reused_mbps = total / t_reused / 1e6
-            rot_mbps = total / t_rot / 1e6
-            raw_mbps = max(reused_mbps, rot_mbps)   # the baseline: the faster raw way
+            ring_mbps = total / t_ring / 1e6
+            raw_mbps = max(reused_mbps, ring_mbps)   # the baseline: the faster raw way
             mir_mbps = total / t_mir_sum / 1e6
             busy_mbps = total / t_busy / 1e6
+            else_mbps = total / t_else / 1e6
             idle_share = idle_sum / t_mir_sum
             prs = sorted(pair_ratios)
             log(f"  {bs // KiB:>5} KiB: {slices} slices of {n} writes; raw {raw_mbps:.1f} MB/s, "
                 f"mirrored {mir_mbps:.1f} MB/s, ratio {mir_mbps / raw_mbps:.3f} (slices "
                 f"{prs[0]:.3f} / median {prs[len(prs) // 2]:.3f} / {prs[-1]:.3f}); VRA idle "
                 f"{idle_share:.0%}; {doorbell_count} doorbells; raw with another CPU busy "
-                f"{busy_mbps:.1f} MB/s, mirrored / that {mir_mbps / busy_mbps:.3f}")
+                f"{busy_mbps:.1f} MB/s, mirrored / that {mir_mbps / busy_mbps:.3f}; raw from a "
+                f"separate region {else_mbps:.1f} MB/s")
             # The IO path's own work, apart from the disk and the VRA (information: what the
             # path adds to a write, and the ratio that alone would leave at this raw speed).
             n_cpu = max(8, min(500, args.ring_mib * MiB // 2 // R.record_size(bs)))
@@ -550,7 +569,8 @@ def main(argv=None) -> int:
                 "raw_mbps": round(raw_mbps, 1), "mirrored_mbps": round(mir_mbps, 1),
                 "mirrored_guest_mbps": round(total / t_guest_sum / 1e6, 1),
                 "raw_reused_buffer_mbps": round(reused_mbps, 1),
-                "raw_rotating_buffers_mbps": round(rot_mbps, 1),
+                "raw_ring_memory_mbps": round(ring_mbps, 1),
+                "raw_separate_region_mbps": round(else_mbps, 1),
                 "raw_other_cpu_busy_mbps": round(busy_mbps, 1),
                 "ratio_vs_raw_other_cpu_busy": round(mir_mbps / busy_mbps, 3),
                 "vra_idle_share": round(idle_share, 3),
@@ -619,24 +639,26 @@ def main(argv=None) -> int:
     else:
         print()
         print(f"disk {args.disk_mib} MiB, ring {args.ring_mib} MiB (hot window "
-              f"{hot_window / MiB:g} MiB), {slices} slices of the four ways, disk writes "
+              f"{hot_window / MiB:g} MiB), {slices} slices of the five ways, disk writes "
               f"{'O_DIRECT' if direct else 'buffered'}, VRA in a separate process acking every record")
-        print(f"{'block':>7} {'raw MB/s':>9} {'(reused':>8} {'rotating)':>9} {'mirrored MB/s':>14} "
+        print(f"{'block':>7} {'raw MB/s':>9} {'(reused':>8} {'ring mem)':>9} {'mirrored MB/s':>14} "
               f"{'ratio':>6} {'slices min/med/max':>20} {'bitmap writes':>14} {'replica':>8} | "
-              f"{'guest-visible':>13} {'VRA idle':>8} {'raw, CPU busy':>13} {'ratio':>6}")
+              f"{'guest-visible':>13} {'VRA idle':>8} {'raw, CPU busy':>13} {'ratio':>6} "
+              f"{'raw elsewhere':>13}")
         for r in results.values():
             pr = r["pair_ratios"]
             spread = f"{min(pr):.3f}/{r['pair_ratio_median']:.3f}/{max(pr):.3f}"
             print(f"{r['block_size'] // KiB:>4} KiB {r['raw_mbps']:>9.1f} {r['raw_reused_buffer_mbps']:>8.1f} "
-                  f"{r['raw_rotating_buffers_mbps']:>9.1f} {r['mirrored_mbps']:>14.1f} "
+                  f"{r['raw_ring_memory_mbps']:>9.1f} {r['mirrored_mbps']:>14.1f} "
                   f"{r['ratio']:>6.3f} {spread:>20} {r['bitmap_writes']:>14} "
                   f"{'OK' if r['replica_match'] else 'MISMATCH':>8} | {r['mirrored_guest_mbps']:>13.1f} "
                   f"{r['vra_idle_share']:>8.0%} {r['raw_other_cpu_busy_mbps']:>13.1f} "
-                  f"{r['ratio_vs_raw_other_cpu_busy']:>6.3f}")
-        print("(each slice writes the same seeded writes four ways, in turn: raw from one reused "
-              "buffer, raw from buffers rotating through a ring-sized region, mirrored, and raw rotating "
-              "with another CPU busy; raw MB/s "
-              "is the faster plain raw way, the baseline of the ratio. raw, CPU busy: information only. "
+                  f"{r['ratio_vs_raw_other_cpu_busy']:>6.3f} {r['raw_separate_region_mbps']:>13.1f}")
+        print("(each slice writes the same seeded writes five ways, in turn: raw from one reused "
+              "buffer, raw from buffers rotating through the ring's own memory, mirrored, raw from "
+              "the ring's memory with another CPU busy, and raw from a separate region; raw MB/s "
+              "is the faster of the first two, the baseline of the ratio. raw, CPU busy and raw "
+              "elsewhere: information only. "
               "MB/s: all slices' bytes over all "
               "slices' time. mirrored: until the VRA acked the last record; guest-visible: until the "
               "last mirrored write returned)")
