@@ -20,7 +20,7 @@ EVENT_TYPES = [
     "FailoverRollback", "Move", "MoveCommit", "MoveRollback", "Clone", "CloneAbort",
     "PauseVpg", "ResumeVpg", "ForceSync", "Restore", "RestoreCommit", "RestoreRollback",
     "InitialSyncDone", "VmMoved", "VmAdded", "VmRemoved", "VmRenamed", "AlertRaised",
-    "AlertCleared", "ZvmStarted", "OperationResumed",
+    "AlertCleared", "ZvmStarted", "OperationResumed", "CheckpointLost",
 ]
 ENTITY_TYPES = ["VPG", "VRA", "Site", "Unknown"]        # EventEntityTypeApi 0..3
 CATEGORIES = ["Events", "Alerts"]

@@ -445,6 +445,8 @@ class Vpgs:
                 return cp, self.wait_recoverable(vpg, cp["id"], deadline)
             except CheckpointLost as exc:
                 log.warning("%s; taking another", exc)
+                self.zvm.events.record("CheckpointLost", f"{exc}; taking another", entity="VPG",
+                                       vpg=self.link(vpg), success=False)
                 if time.monotonic() > deadline:
                     raise
 

@@ -4,10 +4,13 @@ the limit). The recovery site's listings are given in the order the recovery VRA
 producing a real lost barrier needs a participant to restart in the middle of one, which the
 failover and move tests cannot time."""
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from appliance.zvm.errors import CheckpointLost, Unavailable
+from appliance.zvm.events import Events
+from appliance.zvm.store import Store
 from appliance.zvm.vpgs import Vpgs
 
 VPG = {"name": "vpg-a", "identifier": "v1", "state": {"status": "MeetingSLA"}, "role": "protected"}
@@ -53,7 +56,13 @@ def test_the_deadline_still_holds_when_nothing_later_is_listed():
     assert not isinstance(err.value, CheckpointLost)
 
 
-def test_a_lost_checkpoint_is_replaced_by_a_new_one():
+def test_a_lost_checkpoint_is_replaced_by_a_new_one_and_recorded(tmp_path):
     v = _vpgs([[7], [7, 12], [7, 12], [7, 12, 13]], taken=[10, 13])
+    events = Events(Store(tmp_path / "zvm.db"), lambda: {"identifier": "site-a"})
+    v.zvm = SimpleNamespace(events=events)
     cp, entry = v.recoverable_checkpoint(VPG, None, time.monotonic() + 30)
     assert cp["id"] == 13 and entry["id"] == 13
+    [ev] = events.list()
+    assert ev["eventTypeName"] == "CheckpointLost" and not ev["eventCompletedSuccessfully"]
+    assert ev["relatedEntities"]["vpgs"][0]["identifier"] == "v1"
+    assert "checkpoint 10 of VPG vpg-a was not made recoverable" in ev["description"]
