@@ -101,7 +101,7 @@ def align(n: int) -> int:
 
 def record_size(length: int) -> int:
     """Ring bytes a record with ``length`` payload bytes takes (header, gap, aligned payload)."""
-    return PAYLOAD_OFFSET + ((length + REC_ALIGN - 1) & -REC_ALIGN)
+    return PAYLOAD_OFFSET + align(length)
 
 
 def record_checksum(header: memoryview | bytes, payload) -> int:
