@@ -222,6 +222,14 @@ def _filler(src):
     return lambda view: view.__setitem__(slice(None), src)
 
 
+def ring_slots(region, bs: int) -> list:
+    """Views of ``bs`` bytes into ``region``, laid out like the ring's payloads (one per record
+    of ``bs`` bytes, each 512 bytes after its record's start)."""
+    step = R.record_size(bs)
+    return [region[p + R.PAYLOAD_OFFSET:p + R.PAYLOAD_OFFSET + bs]
+            for p in range(0, len(region) - step + 1, step)]
+
+
 def run_raw(io, disk, ops, bs, region=None) -> float:
     """The guest fills a buffer of its own and writes it to the disk, no IO filter.
 
@@ -239,9 +247,7 @@ def run_raw(io, disk, ops, bs, region=None) -> float:
             fill(buf)
             raw_write(disk, off, buf)
         return time.perf_counter() - t0
-    step = R.record_size(bs)
-    slots = [region[p + R.PAYLOAD_OFFSET:p + R.PAYLOAD_OFFSET + bs]
-             for p in range(0, len(region) - step + 1, step)]
+    slots = ring_slots(region, bs)
     nslots = len(slots)
     t0 = time.perf_counter()
     for i, (off, fill) in enumerate(fills):
@@ -303,9 +309,7 @@ def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, rounds=CPU_ROUNDS) -> tup
         io.attached = "bench-cpu"
         cons = R.RingConsumer(str(scratch / "cpu.ring"))
         fills = [(off, _filler(src)) for off, src in ops]
-        step = R.record_size(bs)
-        slots = [region[p + R.PAYLOAD_OFFSET:p + R.PAYLOAD_OFFSET + bs]
-                 for p in range(0, len(region) - step + 1, step)]
+        slots = ring_slots(region, bs)
         write, raw_write = io.write, io.raw_write
         best_m = best_r = math.inf
         k = 0
