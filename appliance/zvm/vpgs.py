@@ -423,12 +423,12 @@ class Vpgs:
             got = next((c for c in listing if c["id"] == cp_id), None)
             if got is not None:
                 return got
-            later = [c["id"] for c in listing if c["id"] > cp_id]
-            if later:
+            later = next((c["id"] for c in listing if c["id"] > cp_id), None)
+            if later is not None:
                 if not required:
                     return None
                 raise CheckpointLost(f"checkpoint {cp_id} of VPG {vpg['name']} was not made recoverable "
-                                     f"at the recovery site (a later one, {later[0]}, is)")
+                                     f"at the recovery site (a later one, {later}, is)")
             if time.monotonic() > deadline:
                 if not required:
                     return None
