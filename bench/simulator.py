@@ -149,7 +149,7 @@ def vra_main(doorbell: str, replica: str, conn, cpu: int | None = None):
                 conn.send(stats())
                 continue
             t0 = perf_counter()
-            ring.wait(0.01)               # spins briefly, then sleeps on the doorbell
+            ring.wait(0.05)               # naps up to 20 ms, then sleeps on the doorbell
             idle += perf_counter() - t0
     finally:
         os.close(fd)

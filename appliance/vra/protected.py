@@ -37,12 +37,12 @@ from .throttle import PRIORITY_WEIGHTS, Throttle
 log = logging.getLogger("tidemark.vra.protected")
 BATCH_BYTES = 1 << 20
 INFLIGHT_BYTES = 32 << 20
-# The ring reader sleeps on the doorbell as soon as the ring is empty, without first polling for
-# a while (simulator.ring.CONSUMER_SPIN): polling yields the CPU and takes the GIL back again and
+# The ring reader sleeps on the doorbell as soon as the ring is empty (nap window 0). Polling
+# first in a loop (sched_yield, as consumers did before they napped) took the GIL back again and
 # again, which on a 2-core host cost the VRA about half of its CPU at 80-95 MB/s (72% and 47%
 # of a core with 0.5 ms of polling, 23% and 25% without, the same MB/s) and slowed its sender
 # thread. A doorbell wake-up costs the host a syscall and the record some tens of microseconds.
-RING_SPIN_S = 0.0
+RING_NAP_WINDOW_S = 0.0
 
 
 class Token:
@@ -420,7 +420,7 @@ class ProtectedSide:
         while not self._stop.is_set():
             rec = ring.poll()
             if rec is None:
-                ring.wait(0.05, spin=RING_SPIN_S)
+                ring.wait(0.05, nap_window=RING_NAP_WINDOW_S)
                 continue
             tok = Token(rec.end)
             with self.lock:

@@ -519,3 +519,45 @@ def test_disk_writes_direct_and_falls_back_for_unaligned_writes(tmp_path):
         assert os.pread(plain.fd, 10, 3) == b"x" * 10
     finally:
         plain.close()
+
+
+def test_consumer_naps_then_sleeps_on_the_doorbell(tmp_path):
+    """A record committed while the consumer naps needs no doorbell; after the nap window the
+    consumer sets consumer_waiting, and the next commit rings the doorbell and wakes it."""
+    import socket
+
+    prod, cons = _ring_pair(tmp_path, 8 * MiB, 0)
+    host_end, vra_end = socket.socketpair()
+    prod.doorbell, cons.doorbell = host_end, vra_end
+    try:
+        waiting = lambda: R._U32.unpack_from(cons.mm, R._OFF_CONSUMER_WAITING)[0]   # noqa: E731
+        # Within the nap window: the producer commits, the consumer finds it by looking.
+        t = threading.Timer(0.005, _put, (prod, 0, 4096))
+        t.start()
+        t0 = time.monotonic()
+        assert cons.wait(5.0, nap_window=1.0)
+        assert time.monotonic() - t0 < 0.5
+        t.join()
+        assert waiting() == 0                      # it never went to sleep on the doorbell
+        vra_end.setblocking(False)
+        with pytest.raises(BlockingIOError):       # and no doorbell was rung
+            vra_end.recv(16)
+        assert cons.poll().vm_seq == 0
+        cons.ack()
+        # Nothing comes: after the window (and the timeout) it returns False, flag set.
+        t0 = time.monotonic()
+        assert not cons.wait(0.2, nap_window=0.05)
+        assert 0.15 <= time.monotonic() - t0 < 2.0
+        assert waiting() == 1
+        # Asleep on the doorbell: the commit rings it (and clears the flag), which wakes it.
+        t = threading.Timer(0.05, _put, (prod, 1, 4096))
+        t.start()
+        t0 = time.monotonic()
+        assert cons.wait(5.0, nap_window=0.0)
+        assert time.monotonic() - t0 < 2.0
+        t.join()
+        assert waiting() == 0
+        assert cons.poll().vm_seq == 1
+    finally:
+        host_end.close()
+        vra_end.close()
