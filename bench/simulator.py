@@ -29,6 +29,8 @@ content, the same ``fill`` function everywhere) and then the write is issued:
   host seq grows by one, pwrites WRITE payloads to a replica file (in /dev/shm
   unless --replica-dir says otherwise: it only proves the stream complete; a
   protected VRA keeps no replica on the host), and acknowledges every record;
+  with the ring empty it waits as ``RingConsumer.wait`` does (naps of 0.2 ms,
+  then the doorbell);
 * raw, another CPU busy (information only): raw from the ring's memory while a
   plain busy loop runs in another process, keeping a second CPU as busy as the
   VRA keeps one during the mirrored run. On a virtual machine, a busy second
