@@ -413,14 +413,11 @@ class RingConsumer(_Mapped):
         if self._committed():
             return True
         start = time.monotonic()
-        if nap_window > 0:
-            end = start + min(nap_window, timeout)
-            while True:
-                time.sleep(CONSUMER_NAP)
-                if self._committed():
-                    return True
-                if time.monotonic() >= end:
-                    break
+        end = start + min(nap_window, timeout)
+        while time.monotonic() < end:
+            time.sleep(CONSUMER_NAP)
+            if self._committed():
+                return True
         timeout -= time.monotonic() - start
         if timeout <= 0:
             return False

@@ -531,13 +531,20 @@ def test_consumer_naps_then_sleeps_on_the_doorbell(tmp_path):
     prod.doorbell, cons.doorbell = host_end, vra_end
     try:
         waiting = lambda: R._U32.unpack_from(cons.mm, R._OFF_CONSUMER_WAITING)[0]   # noqa: E731
+
+        def commit_during_wait(n, delay, nap_window):
+            """The producer commits record n after ``delay``; (what wait returned, seconds)."""
+            t = threading.Timer(delay, _put, (prod, n, 4096))
+            t.start()
+            t0 = time.monotonic()
+            try:
+                return cons.wait(5.0, nap_window=nap_window), time.monotonic() - t0
+            finally:
+                t.join()
+
         # Within the nap window: the producer commits, the consumer finds it by looking.
-        t = threading.Timer(0.005, _put, (prod, 0, 4096))
-        t.start()
-        t0 = time.monotonic()
-        assert cons.wait(5.0, nap_window=1.0)
-        assert time.monotonic() - t0 < 0.5
-        t.join()
+        woke, took = commit_during_wait(0, 0.005, nap_window=1.0)
+        assert woke and took < 0.5
         assert waiting() == 0                      # it never went to sleep on the doorbell
         vra_end.setblocking(False)
         with pytest.raises(BlockingIOError):       # and no doorbell was rung
@@ -550,12 +557,8 @@ def test_consumer_naps_then_sleeps_on_the_doorbell(tmp_path):
         assert 0.15 <= time.monotonic() - t0 < 2.0
         assert waiting() == 1
         # Asleep on the doorbell: the commit rings it (and clears the flag), which wakes it.
-        t = threading.Timer(0.05, _put, (prod, 1, 4096))
-        t.start()
-        t0 = time.monotonic()
-        assert cons.wait(5.0, nap_window=0.0)
-        assert time.monotonic() - t0 < 2.0
-        t.join()
+        woke, took = commit_during_wait(1, 0.05, nap_window=0.0)
+        assert woke and took < 2.0
         assert waiting() == 0
         assert cons.poll().vm_seq == 1
     finally:
