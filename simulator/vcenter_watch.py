@@ -65,11 +65,17 @@ class VCenterWatch:
                         self._done[moid] = time.monotonic()
 
     def _judge(self, moid: str, state: tuple, asked_at: float, baseline: bool) -> str:
-        """"wait" (our operation may still echo), "same", "report" or "added" (a VM
-        someone else created; belief updated)."""
+        """"wait" (our operation may still echo, or the VM's name or a new VM's host is not
+        known yet), "same", "report" or "added" (a VM someone else created; belief updated)."""
         with self._exp_lock:
             if moid in self._busy or f"new:{state[0]}" in self._busy \
                     or self._done.get(moid, float("-inf")) >= asked_at:
+                return "wait"
+            if not baseline and (state[0] is None or
+                                 (state[1] is None and moid not in self._believed)):
+                # vcsim announced a VM without its name, or a new VM without its host, and
+                # they could not be read (``_refresh``) either: judging it now adopted a VM
+                # named None (a ZVM's VRA that then never started). Look again next batch.
                 return "wait"
             if baseline or self._believed.get(moid) == state:
                 self._believed[moid] = state
@@ -146,6 +152,8 @@ class VCenterWatch:
                         if verdict == "report":
                             self._report(callback, {"vm": cur.get("vm"), "moid": moid, "removed": True})
                         continue
+                    if cur.get("vm") is None or cur.get("host") is None:
+                        self._refresh(si, moid, cur, host_names)
                     state = (cur.get("vm"), cur.get("host"), cur.get("power_state"))
                     verdict = self._judge(moid, state, asked_at, baseline)
                     if verdict == "wait":
@@ -173,6 +181,23 @@ class VCenterWatch:
             callback(event)
         except Exception:   # the event may hold OVF properties (secrets): log the name only
             log.exception("vcenter watch callback failed for %s", event.get("vm"))
+
+    @staticmethod
+    def _refresh(si, moid: str, cur: dict, host_names: dict) -> None:
+        """Read a VM's name, host and power state from vcsim itself into ``cur``: the update
+        stream can announce a VM just created without them and not send them later (seen once
+        in a lab start, for one of the VRA VMs a ZVM created through vCenter)."""
+        try:
+            vm = vim.VirtualMachine(moid, si._stub)
+            name, runtime = vm.name, vm.runtime
+            ref = runtime.host
+            if ref is not None and ref._moId not in host_names:
+                host_names[ref._moId] = vim.HostSystem(ref._moId, si._stub).name
+        except Exception:   # gone already: its leave follows
+            return
+        cur["vm"] = name
+        cur["host"] = host_names.get(ref._moId) if ref is not None else None
+        cur["power_state"] = str(runtime.powerState)
 
     def _fold(self, si, ou, known: dict, host_names: dict) -> None:
         """Apply one ObjectUpdate to ``known`` (a VM that left stays, marked gone, until judged)."""

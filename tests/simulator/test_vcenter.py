@@ -237,6 +237,39 @@ def test_vms_created_later_are_watched(mirror, inventory, watcher, raw):
     assert "site-a-vm10" not in {v["name"] for v in mirror.snapshot()["vms"]}
 
 
+def test_a_new_vm_is_judged_once_its_name_and_host_are_known():
+    """vcsim may announce a VM created through it without its name or host: the watcher
+    judges it only once both are known, rather than adopt a VM named None."""
+    from simulator.vcenter_watch import VCenterWatch
+    w = VCenterWatch()
+    w._init_watch()
+    asked = time.monotonic()
+    assert w._judge("vm-9", (None, "h0", "poweredOff"), asked, False) == "wait"
+    assert w._judge("vm-9", ("Z-VRA-b-h0", None, "poweredOff"), asked, False) == "wait"
+    assert w._judge("vm-9", ("Z-VRA-b-h0", "h0", "poweredOff"), asked, False) == "added"
+    assert w._judge("vm-9", ("Z-VRA-b-h0", "h0", "poweredOff"), asked, False) == "same"
+    assert w._judge("vm-9", ("Z-VRA-b-h0", "h0", "poweredOn"), asked, False) == "report"
+    assert w._judge("vm-9", (None, "h0", "poweredOn"), asked, False) == "wait"
+
+
+def test_refresh_reads_what_the_update_stream_left_out(mirror, raw):
+    """What the watcher does when a VM's update lacks its name or host: read them from vcsim."""
+    from simulator.vcenter_watch import VCenterWatch
+    vm = raw_find(raw, vim.VirtualMachine, "site-a-vm1")
+    si = SmartConnect(**mirror._connect)
+    try:
+        cur, hosts = {"power_state": "stale"}, {}
+        VCenterWatch._refresh(si, vm._moId, cur, hosts)
+        assert cur == {"vm": "site-a-vm1", "host": vm.runtime.host.name,
+                       "power_state": str(vm.runtime.powerState)}
+        assert list(hosts.values()) == [vm.runtime.host.name]
+        gone = {"vm": None}
+        VCenterWatch._refresh(si, "vm-does-not-exist", gone, hosts)
+        assert gone == {"vm": None}           # unchanged: its leave follows
+    finally:
+        Disconnect(si)
+
+
 def test_delete_vm_keeps_site_disks(mirror, inventory, lab):
     spec = dict(inventory["vms"][1], name="site-a-vm8", instance_uuid="50120008-aaaa-bbbb-cccc-000000000008",
                 bios_uuid="42120008-aaaa-bbbb-cccc-000000000008")
