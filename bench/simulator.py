@@ -45,7 +45,11 @@ size runs N short slices (24; 6 with --quick), each slice the five ways over
 the same writes in an order that turns from slice to slice. A rate is all
 slices' bytes over all slices' time; the ratio (the goal's) is mirrored over
 the faster of the first two raw ways. The per-slice ratios (against that
-slice's faster plain raw) are printed for the spread. The mirrored time runs
+slice's faster plain raw) are printed for the spread, and a 95% interval of
+the ratio from resampling the slices with replacement (2000 times): how far
+one run's figure can be trusted, given how much its slices differ (runs of
+the same code have spread by about +-0.03 at 64 KiB: bench/RESULTS.md, tenth
+session). The mirrored time runs
 from the first write until the VRA has acknowledged the last record
 (sustained, not just what the guest saw; the guest-visible rate is printed as
 well).
@@ -73,6 +77,7 @@ import math
 import mmap
 import multiprocessing as mp
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -279,6 +284,24 @@ def run_mirrored(io, vm, disk, ops, bs) -> tuple[float, float]:
 
 def flush():
     os.sync()
+
+
+BOOT_RESAMPLES = 2000
+
+
+def ratio_interval(t_reused, t_ring, t_mirrored, resamples=BOOT_RESAMPLES) -> tuple[float, float]:
+    """95% interval of the ratio (mirrored over the faster raw way, all slices' bytes over all
+    slices' time) by resampling the slices with replacement: how far one run's ratio can be
+    trusted, given how much the slices differ."""
+    rng = random.Random(20261127)
+    k = len(t_mirrored)
+    ratios = []
+    for _ in range(resamples):
+        idx = [rng.randrange(k) for _ in range(k)]
+        ratios.append(min(sum(t_reused[i] for i in idx), sum(t_ring[i] for i in idx))
+                      / sum(t_mirrored[i] for i in idx))
+    ratios.sort()
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
 
 CPU_ROUNDS = 30
@@ -495,6 +518,7 @@ def main(argv=None) -> int:
             t_reused = t_ring = t_busy = t_else = t_mir_sum = t_guest_sum = idle_sum = 0.0
             bitmap_writes = doorbell_count = 0
             pair_ratios = []
+            slice_times = {"reused": [], "ring": [], "mirrored": []}
             nbytes = n * bs
             for i in range(slices):
                 ops = make_ops(bs, n, args.seed * 1_000_003 + bs * 31 + i, capacity, content)
@@ -528,6 +552,8 @@ def main(argv=None) -> int:
                 t_mir_sum += t["mirrored"]
                 t_guest_sum += t_guest
                 pair_ratios.append(min(t["reused"], t["ring"]) / t["mirrored"])
+                for side, times in slice_times.items():
+                    times.append(t[side])
                 if args.verbose:
                     log(f"  {bs // KiB:>5} KiB slice {i + 1}/{slices}: {n} writes, raw "
                         f"{nbytes / t['reused'] / 1e6:7.1f} (reused) {nbytes / t['ring'] / 1e6:7.1f} "
@@ -543,8 +569,11 @@ def main(argv=None) -> int:
             else_mbps = total / t_else / 1e6
             idle_share = idle_sum / t_mir_sum
             prs = sorted(pair_ratios)
+            lo, hi = ratio_interval(slice_times["reused"], slice_times["ring"],
+                                    slice_times["mirrored"])
             log(f"  {bs // KiB:>5} KiB: {slices} slices of {n} writes; raw {raw_mbps:.1f} MB/s, "
-                f"mirrored {mir_mbps:.1f} MB/s, ratio {mir_mbps / raw_mbps:.3f} (slices "
+                f"mirrored {mir_mbps:.1f} MB/s, ratio {mir_mbps / raw_mbps:.3f} (95% interval "
+                f"{lo:.3f}-{hi:.3f}; slices "
                 f"{prs[0]:.3f} / median {prs[len(prs) // 2]:.3f} / {prs[-1]:.3f}); VRA idle "
                 f"{idle_share:.0%}; {doorbell_count} doorbells; raw with another CPU busy "
                 f"{busy_mbps:.1f} MB/s, mirrored / that {mir_mbps / busy_mbps:.3f}; raw from a "
@@ -584,6 +613,7 @@ def main(argv=None) -> int:
                 "path_cpu_raw_us": round(cpu_raw, 2), "raw_us_per_write": round(raw_us, 1),
                 "ratio_path_alone": round(path_ratio, 3),
                 "ratio": round(mir_mbps / raw_mbps, 3),
+                "ratio_interval_95": [round(lo, 3), round(hi, 3)],
                 "pair_ratios": [round(x, 3) for x in pair_ratios],
                 "pair_ratio_median": round(prs[len(prs) // 2], 3),
                 "bitmap_writes": bitmap_writes, "replica_match": match,
@@ -672,13 +702,18 @@ def main(argv=None) -> int:
             f"{r['block_size'] // KiB} KiB {r['path_cpu_us']:.1f} µs of {r['raw_us_per_write']:.1f} "
             f"µs per raw write, ratio it alone leaves {r['ratio_path_alone']:.3f}"
             for r in results.values()))
+        print("95% interval of each ratio, resampling the slices (how far one run's figure can be "
+              "trusted): " + "; ".join(
+                  f"{r['block_size'] // KiB} KiB {r['ratio_interval_95'][0]:.3f}-"
+                  f"{r['ratio_interval_95'][1]:.3f}" for r in results.values()))
         if any(r["bitmap_writes"] for r in results.values()):
             print("!!! some mirrored runs fell back to the dirty bitmap: those figures do not count !!!")
         print(f"max ring stall {io_stats['max_stall_ms']:.2f} ms; elapsed {elapsed:.1f} s; "
               f"load average {load[0]} before, {load[1]} after (other work on the machine skews all figures)")
         if goal:
             print(f"goal: ratio >= {GOAL_RATIO} at {GOAL_BS // KiB} KiB: "
-                  f"{'PASS' if goal_ok else 'MISS'} ({goal['ratio']:.3f})")
+                  f"{'PASS' if goal_ok else 'MISS'} ({goal['ratio']:.3f}; 95% interval "
+                  f"{goal['ratio_interval_95'][0]:.3f}-{goal['ratio_interval_95'][1]:.3f})")
         else:
             print(f"goal: ratio >= {GOAL_RATIO} at {GOAL_BS // KiB} KiB: not measured")
     return 0 if all(r["replica_match"] and not r["bitmap_writes"] for r in results.values()) else 1
