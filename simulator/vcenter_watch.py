@@ -190,13 +190,11 @@ class VCenterWatch:
         try:
             vm = vim.VirtualMachine(moid, si._stub)
             name, runtime = vm.name, vm.runtime
-            ref = runtime.host
-            if ref is not None and ref._moId not in host_names:
-                host_names[ref._moId] = vim.HostSystem(ref._moId, si._stub).name
+            host = _host_name(si, runtime.host, host_names)
         except Exception:   # gone already: its leave follows
             return
         cur["vm"] = name
-        cur["host"] = host_names.get(ref._moId) if ref is not None else None
+        cur["host"] = host
         cur["power_state"] = str(runtime.powerState)
 
     def _fold(self, si, ou, known: dict, host_names: dict) -> None:
@@ -209,14 +207,20 @@ class VCenterWatch:
         cur = known.setdefault(moid, {})
         for change in ou.changeSet:
             if change.name == "runtime.host":
-                ref = change.val
-                if ref is not None and ref._moId not in host_names:
-                    host_names[ref._moId] = vim.HostSystem(ref._moId, si._stub).name
-                cur["host"] = host_names.get(ref._moId) if ref is not None else None
+                cur["host"] = _host_name(si, change.val, host_names)
             elif change.name == "runtime.powerState":
                 cur["power_state"] = str(change.val)
             elif change.name == "name":
                 cur["vm"] = change.val
+
+
+def _host_name(si, ref, host_names: dict) -> str | None:
+    """The name of the host ``ref`` points at (None for none), read once per host."""
+    if ref is None:
+        return None
+    if ref._moId not in host_names:
+        host_names[ref._moId] = vim.HostSystem(ref._moId, si._stub).name
+    return host_names[ref._moId]
 
 
 def describe(si, moid: str) -> dict:
