@@ -515,10 +515,10 @@ def main(argv=None) -> int:
             run_mirrored(io, vm, disk, probe, bs)   # warm-up; also keeps the replica in step
             n_probe = len(probe)
             del probe
-            t_reused = t_ring = t_busy = t_else = t_mir_sum = t_guest_sum = idle_sum = 0.0
+            t_guest_sum = idle_sum = 0.0
             bitmap_writes = doorbell_count = 0
             pair_ratios = []
-            slice_times = {"reused": [], "ring": [], "mirrored": []}
+            slice_times = {side: [] for side in ("reused", "ring", "mirrored", "busy", "elsewhere")}
             nbytes = n * bs
             for i in range(slices):
                 ops = make_ops(bs, n, args.seed * 1_000_003 + bs * 31 + i, capacity, content)
@@ -545,11 +545,6 @@ def main(argv=None) -> int:
                     else:
                         t[side] = run_raw(io, disk, ops, bs, {"reused": None, "ring": ring_area,
                                                               "elsewhere": region}[side])
-                t_reused += t["reused"]
-                t_ring += t["ring"]
-                t_busy += t["busy"]
-                t_else += t["elsewhere"]
-                t_mir_sum += t["mirrored"]
                 t_guest_sum += t_guest
                 pair_ratios.append(min(t["reused"], t["ring"]) / t["mirrored"])
                 for side, times in slice_times.items():
@@ -561,6 +556,8 @@ def main(argv=None) -> int:
                         f"ratio {pair_ratios[-1]:.3f}")
                 del ops
             total = nbytes * slices
+            t_reused, t_ring, t_mir_sum, t_busy, t_else = (
+                sum(slice_times[side]) for side in ("reused", "ring", "mirrored", "busy", "elsewhere"))
             reused_mbps = total / t_reused / 1e6
             ring_mbps = total / t_ring / 1e6
             raw_mbps = max(reused_mbps, ring_mbps)   # the baseline: the faster raw way
