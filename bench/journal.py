@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from rocksdict import WriteBatch  # noqa: E402
 
+from appliance import pagecache  # noqa: E402
 from appliance.dss import Checkpoint, Entry, Journal, JournalSettings, Pos  # noqa: E402
 from appliance.dss import store  # noqa: E402
 
@@ -185,15 +186,12 @@ def read_latency(j: Journal, cps, vm: str, disk_size: int, reads: int, rng: rand
 
 
 def drop_segments_from_cache(j: Journal) -> None:
-    """Write back and drop the journal's segment files (entry data) from the page cache."""
-    for root, _dirs, files in os.walk(j._seg_root):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    """Write back and drop the journal's segment files (entry data) from the page cache; say so
+    if some of their pages stay (then the cold figures are partly warm)."""
+    paths = [os.path.join(root, name) for root, _dirs, files in os.walk(j._seg_root) for name in files]
+    if not pagecache.drop(paths):
+        print("note: the page cache kept some entry data; cold read figures are partly warm",
+              file=sys.stderr)
 
 
 def read_latency_cold(j: Journal, cps, vm: str, disk_size: int, reads: int, rng: random.Random,

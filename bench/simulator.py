@@ -94,6 +94,7 @@ sys.path.insert(0, str(ROOT))
 if getattr(sys.modules.get("simulator"), "__file__", None) == str(Path(__file__).resolve()):
     del sys.modules["simulator"]
 
+from appliance import pagecache  # noqa: E402  (light: ctypes, mmap)
 from simulator import ring as R  # noqa: E402  (light: mmap, struct, xxhash)
 
 KiB = 1024
@@ -199,8 +200,8 @@ def preallocate(path: str, size: int, written: bool = True, cached: bool = True)
             except OSError:
                 pass  # a filesystem without fallocate: the read pass still caches the pages
         if not cached:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not pagecache.drop([path]):
+                print(f"note: the page cache kept some of {path}", file=sys.stderr)
             return
         buf = bytearray(8 * MiB)
         view = memoryview(buf)

@@ -1,14 +1,12 @@
 """Entry data segments (format version 3): data outside RocksDB, its checksum, crash leftovers,
 unlinking after promotion, and journals of format version 2 (data inline) opening and mixing."""
-import ctypes
-import mmap
 import os
 import random
-import time
 
 import pytest
 
 import appliance.dss.segments as S
+from appliance import pagecache
 from appliance.dss import DSSError, Journal, JournalCorrupt
 from appliance.dss import keys as K
 from appliance.dss import records as R
@@ -250,56 +248,10 @@ def test_append_timings_count_every_step(tmp_path):
         j.close()
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-
-
-def _resident_pages(path: str) -> int:
-    """How many of the file's pages the page cache holds (mincore(2) on a mapping that is never
-    touched, so asking does not read anything in, as a non-blocking read would)."""
-    size = os.path.getsize(path)
-    if size == 0:
-        return 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), "mmap failed")
-        try:
-            vec = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
-            if _libc.mincore(addr, size, vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-            return sum(b & 1 for b in vec.raw)
-        finally:
-            _libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-
-
-def _drop_from_page_cache(j: Journal, timeout: float = 5.0) -> bool:
-    """Ask the kernel to drop the segments' pages until none is resident; True once none is.
-    POSIX_FADV_DONTNEED is advice: pages whose writeback has only just finished, or that sit
-    in another CPU's LRU batch, stay, and a second call a moment later drops them (seen here:
-    1 call in 36 of 40 tries, 2 to 4 in the rest). False where they stay (a tmpfs)."""
+def _drop_from_page_cache(j: Journal) -> bool:
+    """Drop the segments from the page cache (True once no page of them is resident)."""
     d = j._vpg(VPG).segs.dir
-    paths = [os.path.join(d, n) for n in os.listdir(d)]
-    deadline = time.monotonic() + timeout
-    while True:
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        if not any(_resident_pages(p) for p in paths):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
+    return pagecache.drop(os.path.join(d, n) for n in os.listdir(d))
 
 
 def test_entry_data_not_in_the_page_cache_is_read_and_checked(tmp_path, monkeypatch):
@@ -323,13 +275,11 @@ def test_entry_data_not_in_the_page_cache_is_read_and_checked(tmp_path, monkeypa
         seg = segs._segs[seq]
         path = os.path.join(segs.dir, f"{seq:010d}{S.SUFFIX}")
         cold = _drop_from_page_cache(j)
-        if cold:
-            assert _resident_pages(path) == 0
         assert_images(j, model, cps)                        # from a cold cache: both passes
         got = segs._cached(seg, off, len(victim.data))
         assert got is not None and bytes(got) == victim.data
         if cold:
-            assert _resident_pages(path) > 0                # the reads brought the data in
+            assert pagecache.resident_pages(path) > 0                # the reads brought the data in
 
         asked = []
 
