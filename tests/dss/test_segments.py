@@ -273,13 +273,13 @@ def test_entry_data_not_in_the_page_cache_is_read_and_checked(tmp_path, monkeypa
         victim = next(e for e in model.log[30:] if len(e.data) > 100)
         seq, off, _ = entry_ref(j, victim.pos)
         seg = segs._segs[seq]
-        path = os.path.join(segs.dir, f"{seq:010d}{S.SUFFIX}")
+        path = seg.path
         cold = _drop_from_page_cache(j)
         assert_images(j, model, cps)                        # from a cold cache: both passes
         got = segs._cached(seg, off, len(victim.data))
         assert got is not None and bytes(got) == victim.data
         if cold:
-            assert pagecache.resident_pages(path) > 0                # the reads brought the data in
+            assert pagecache.resident_pages(path) > 0       # the reads brought the data in
 
         asked = []
 
