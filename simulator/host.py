@@ -223,14 +223,18 @@ class Host(ImageVMsMixin):
     # -- VRA attachment -----------------------------------------------------------
     def serve_doorbell(self, stop: threading.Event):
         """Accept VRAs on the doorbell socket; one attached at a time."""
+        # Bound and listening under a temporary name, then renamed into place: a VRA that
+        # sees the doorbell can connect to it (between bind and listen it would be refused).
+        tmp = f"{self.doorbell_path}.{os.getpid()}.tmp"
         try:
-            os.unlink(self.doorbell_path)
+            os.unlink(tmp)
         except FileNotFoundError:
             pass
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(self.doorbell_path)
-        os.chmod(self.doorbell_path, 0o600)
+        srv.bind(tmp)
+        os.chmod(tmp, 0o600)
         srv.listen(4)
+        os.rename(tmp, self.doorbell_path)
         srv.settimeout(0.5)
         while not stop.is_set():
             try:

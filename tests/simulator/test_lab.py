@@ -55,6 +55,8 @@ class Consumers:
                     with self.lock:
                         self.rep.apply(rec, client.ring.ring_id)
                     client.ack()
+                    if self.stop.is_set():   # under load the stream is never idle
+                        break
         except Exception as exc:  # reported by close()
             self.errors.append(exc)
 
@@ -62,6 +64,7 @@ class Consumers:
         self.stop.set()
         for t in self.threads:
             t.join(10)
+        assert not any(t.is_alive() for t in self.threads), "a consumer did not stop"
         for c in self.clients:
             c.close()
         self.rep.close()
