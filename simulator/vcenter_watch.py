@@ -91,7 +91,8 @@ class VCenterWatch:
                 return "wait"
             return "report" if self._believed.pop(moid, None) is not None else "same"
 
-    def watch(self, callback, stop_event: threading.Event) -> None:
+    def watch(self, callback, stop_event: threading.Event,
+              ready: threading.Event | None = None) -> None:
         """Report VM changes others make in vcsim until ``stop_event`` is set.
 
         Runs in the caller's thread (start it in one) on its own session: a
@@ -107,7 +108,8 @@ class VCenterWatch:
         mirror's own creates and deletes are not reported. Use one
         watcher per mirror. Connection errors end the loop silently once
         ``stop_event`` is set and are raised otherwise; exceptions from
-        ``callback`` are logged.
+        ``callback`` are logged. ``ready`` is set once the baseline is taken:
+        changes made after that are reported.
         """
         si = SmartConnect(**self._connect)
         try:
@@ -168,6 +170,8 @@ class VCenterWatch:
                             continue
                     if verdict in ("report", "added"):
                         self._report(callback, event)
+                if baseline and ready is not None:
+                    ready.set()
                 baseline = False
         finally:
             try:

@@ -37,11 +37,14 @@ class Consumers:
 
     def __init__(self, lab, vms, tmp_path):
         st = site(lab)
+        self.lab = lab
+        self.hosts = [h["name"] for h in st["hosts"]]
         self.replicas = {v["instance_uuid"]: [str(tmp_path / f"replica-{v['name']}-{d['index']}")
                                               for d in v["disks"]] for v in vms}
         self.rep = Replayer(self.replicas)
         self.lock = threading.Lock()
-        self.stop = threading.Event()
+        self.finish = threading.Event()     # stop once the stream is idle (drained)
+        self.abandon = threading.Event()    # stop after the record in hand
         self.clients = [MirrorClient(h["doorbell"], vra=f"test-{h['name']}") for h in st["hosts"]]
         self.errors = []
         self.threads = [threading.Thread(target=self._run, args=(c,)) for c in self.clients]
@@ -50,25 +53,33 @@ class Consumers:
 
     def _run(self, client):
         try:
-            while not self.stop.is_set():
+            while True:
                 for rec in client.records(idle_timeout=0.2):
                     with self.lock:
                         self.rep.apply(rec, client.ring.ring_id)
                     client.ack()
-                    if self.stop.is_set():   # under load the stream is never idle
-                        break
+                    if self.abandon.is_set():   # under load the stream is never idle
+                        return
+                if self.finish.is_set() or self.abandon.is_set():
+                    return
         except Exception as exc:  # reported by close()
             self.errors.append(exc)
 
-    def close(self):
-        self.stop.set()
+    def close(self, drain=True):
+        """Detach every consumer: after applying all that is in the rings (``drain``), or at
+        once, as a VRA that goes away. Returns once every host has seen its VRA go."""
+        (self.finish if drain else self.abandon).set()
         for t in self.threads:
-            t.join(10)
+            t.join(60)
         assert not any(t.is_alive() for t in self.threads), "a consumer did not stop"
         for c in self.clients:
             c.close()
         self.rep.close()
         assert not self.errors, self.errors
+        for h in self.hosts:
+            url = self.lab.api("site-a", "GET", f"/api/hosts/{h}")["url"] + "/status"
+            wait_until(lambda: not requests.get(url, timeout=10).json()["mirror"]["attached"],
+                       what=f"{h} to see its VRA detach")
 
 
 def test_replay_across_vmotion_under_load(lab, tmp_path):
@@ -126,10 +137,9 @@ def test_vra_gone_and_back_bitmap_sync_converges(lab, tmp_path):
     cons = Consumers(lab, [v], tmp_path)
     lab.workload(v["name"], {"action": "start", "spec": {**FAST, "seed": 3}})
     time.sleep(0.5)
-    cons.close()                                  # the VRA goes away under load
-    time.sleep(0.8)                               # writes now go to the bitmap
-    bm = lab.api("site-a", "GET", f"/api/vms/{v['name']}/disks/0/bitmap")
-    assert bm["dirty_blocks"] > 0
+    cons.close(drain=False)                       # the VRA goes away under load
+    wait_until(lambda: lab.api("site-a", "GET", f"/api/vms/{v['name']}/disks/0/bitmap")
+               ["dirty_blocks"] > 0, what="writes to go to the bitmap")
     cons2 = Consumers(lab, [v], tmp_path)
     try:
         sent = lab.api("site-a", "POST", f"/api/vms/{v['name']}/sync")["blocks"]

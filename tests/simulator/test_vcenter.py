@@ -125,10 +125,10 @@ def raw(vcsim):
 
 @pytest.fixture
 def watcher(mirror):
-    events, stop = [], threading.Event()
-    thread = threading.Thread(target=mirror.watch, args=(events.append, stop), daemon=True)
+    events, stop, ready = [], threading.Event(), threading.Event()
+    thread = threading.Thread(target=mirror.watch, args=(events.append, stop, ready), daemon=True)
     thread.start()
-    time.sleep(0.5)  # let the first WaitForUpdatesEx take its baseline
+    assert ready.wait(30), "the watcher took no baseline"
     yield events
     t0 = time.monotonic()
     stop.set()
