@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import sys
 import time
 from pathlib import Path
+
+from appliance.zvm.vras import free_port
 
 from .procs import read_pidfile, spawn, write_pidfile
 
@@ -26,11 +27,6 @@ ADMIN_USER = "admin"
 CLIENT_ID = "tidemark-lab"
 VPG_NAME = "vpg-site-a"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_secret(path: Path, text: str) -> None:
@@ -67,7 +63,7 @@ def start_zvm(lab_dir: Path, site: dict, timeout: float = 60) -> dict:
     cred = credentials(lab_dir)
     conf = d / "zvm.toml"
     port = json.loads((d / "port.json").read_text())["port"] if (d / "port.json").exists() \
-        else _free_port()
+        else free_port("127.0.0.1")
     (d / "port.json").write_text(json.dumps({"port": port}))
     hv = hypervisor_settings(site)
     lines = [f'site_name = "{site["name"]}"', f'site_kind = "{site["kind"]}"', f"port = {port}",

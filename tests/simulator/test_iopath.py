@@ -96,6 +96,7 @@ def test_replay_reproduces_source(tmp_path, host, pattern, seed):
     drained()
     stop.set()
     t.join(10)
+    assert not t.is_alive(), "the consumer thread did not stop"
     drain(client, rep, idle=0.3)
     for c in cfgs:
         for d, replica in zip(c["disks"], replica_paths(tmp_path, c)):
@@ -138,6 +139,7 @@ def test_vra_gone_then_back_bitmap_covers_gap(tmp_path, host):
     finally:
         stop.set()
         t.join(10)
+        assert not t.is_alive(), "the consumer thread did not stop"
     assert sent > 0
     drain(client, rep)
     assert host.io.vms[uid].disks[0].dirty_count() == 0
@@ -242,6 +244,7 @@ def test_replay_4gib_disks_random_workload(tmp_path, host):
     stop, t = run_workloads(host, cfgs, spec, client, rep, timeout=300)
     stop.set()
     t.join(30)
+    assert not t.is_alive(), "the consumer thread did not stop"
     drain(client, rep, idle=0.3)
     assert host.io.stats.bitmap_writes == 0 and rep.gaps == []
     for c in cfgs:
@@ -334,6 +337,7 @@ def test_sync_blocks_streams_chosen_blocks_in_order_with_zero_records(tmp_path, 
     finally:
         stop.set()
         t.join(10)
+        assert not t.is_alive(), "the consumer thread did not stop"
     drain_counting(0.3)
     assert out["unsent"] == out2["unsent"] == 0
     assert out["blocks"] + out["zero_blocks"] + out2["blocks"] + out2["zero_blocks"] == nblocks
@@ -385,6 +389,7 @@ def test_sync_blocks_of_scattered_blocks_through_a_ring_that_fills(tmp_path):
         finally:
             stop.set()
             t.join(10)
+            assert not t.is_alive(), "the consumer thread did not stop"
         for rec in client.records(idle_timeout=0.3):
             rep.apply(rec, client.ring.ring_id)
             client.ack()

@@ -199,6 +199,7 @@ def test_delta_sync_under_a_running_workload_converges(dsetup):
         p.call("PUT", "/v1/protected/bandwidth", json={"mbps": None})
     for t in threads:
         t.join(120)
+    assert not any(t.is_alive() for t in threads), "a delta sync did not end"
     assert not errors, errors
     assert sum(r["blocks_sent"] for r in results) > 0       # the first round moved the data
     time.sleep(0.5)

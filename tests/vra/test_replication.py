@@ -172,10 +172,10 @@ def cut(leader, cuts, **kw):
     return out
 
 
-def valid_cut(leader, cuts=None, timeout=60, what="a valid checkpoint"):
+def valid_cut(leader, cuts=None, timeout=60, what="a valid checkpoint", **kw):
     """Take checkpoints until one is valid (every barrier held, no sync running); that one."""
     cuts = {} if cuts is None else cuts
-    return wait_until(lambda: (lambda o: o if o["valid"] else None)(cut(leader, cuts)),
+    return wait_until(lambda: (lambda o: o if o["valid"] else None)(cut(leader, cuts, **kw)),
                       timeout=timeout, step=0.5, what=what)
 
 
@@ -186,12 +186,16 @@ def test_images_equal_sources_at_random_checkpoints(setup):
     workloads(lab, vms, "start")
     cuts = {}
     rnd = random.Random(7)
-    for _ in range(6):
+    taken = 0
+    # Six under load; a busy machine may hold a barrier too long and void one, so up to
+    # twelve until three are valid.
+    while taken < 6 or (len(cuts) < 3 and taken < 12):
         time.sleep(rnd.uniform(0.2, 0.8))
         cut(leader, cuts)
+        taken += 1
     workloads(lab, vms, "stop")
-    cut(leader, cuts, tag="after-stop")
-    assert len(cuts) >= 4, "most checkpoints must be valid on an idle machine"
+    valid_cut(leader, cuts, tag="after-stop")
+    assert len(cuts) >= 4, f"{len(cuts)} of {taken + 1} checkpoints valid"
     check_images(rec, cuts, vms)
     tagged = [c for c in recoverable(rec).values() if c["tag"] == "after-stop"]
     assert len(tagged) == 1
@@ -409,10 +413,15 @@ class _Stream:
         return t
 
 
+# The barrier timeout in these tests: short, yet long enough that a busy machine's scheduling
+# delays (a few hundred ms) cannot make a participant look stalled.
+TIMEOUT = 1.5
+
+
 @pytest.fixture
 def merge(monkeypatch):
     from appliance.vra import recovery
-    monkeypatch.setattr(recovery, "BARRIER_TIMEOUT", 0.6)
+    monkeypatch.setattr(recovery, "BARRIER_TIMEOUT", TIMEOUT)
     monkeypatch.setattr(recovery, "BARRIER_MAX_WAIT", 30.0)
     j = _FakeJournal()
     t = recovery.VPGTarget(j, VPG)
@@ -438,7 +447,7 @@ def test_barrier_waiter_that_wakes_after_the_commit_still_sees_the_cut(merge):
             time.sleep(0.001)
         ta = a.send(a.write(), a.marker(k), a.commit(k), a.write())
         ta.join(5)
-        tb.join(0.3)
+        tb.join(TIMEOUT / 2)
         assert not tb.is_alive(), f"b still waits at barrier {k} after its cut and COMMIT"
         assert _recoverable(j, k)
 
@@ -449,7 +458,7 @@ def test_barrier_waits_for_a_participant_that_is_catching_up(merge):
     t, j, a, b = merge
     ta = a.send(a.write(), a.marker(7), a.commit(7))
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 3 * 0.6:
+    while time.monotonic() - t0 < 3 * TIMEOUT:
         b.send(b.write()).join(5)
         time.sleep(0.1)
     assert ta.is_alive() and 7 in t.barriers
@@ -464,7 +473,7 @@ def test_barrier_waits_for_a_participant_that_is_disconnected(merge):
     t, j, a, b = merge
     t.detach(b.source, t.links[b.source][0])
     ta = a.send(a.marker(7), a.commit(7))
-    time.sleep(3 * 0.6)
+    time.sleep(3 * TIMEOUT)
     assert ta.is_alive() and 7 in t.barriers
     t.attach(b.source, lambda seq: None, lambda: None)
     time.sleep(0.3)                          # connected again: it has BARRIER_TIMEOUT to send
@@ -478,7 +487,7 @@ def test_barrier_abandoned_when_a_participant_makes_no_progress(merge):
     t, j, a, b = merge
     t0 = time.monotonic()
     a.send(a.marker(7), a.commit(7)).join(5)
-    assert 0.5 < time.monotonic() - t0 < 3.0
+    assert 0.8 * TIMEOUT < time.monotonic() - t0 < 5 * TIMEOUT
     assert t.settled[7] is None and 7 not in j.checkpoints
     assert t.lost == [7]                     # a valid COMMIT without a cut is logged as lost
     b.send(b.marker(7)).join(1)              # b's marker comes late: no wait at all
@@ -500,7 +509,7 @@ def test_barrier_abandoned_at_once_when_a_participant_passed_it(merge):
     # a marker of a barrier that every other participant already passed does not wait either
     t1 = time.monotonic()
     b.send(b.marker(5)).join(5)
-    assert time.monotonic() - t1 < 0.3
+    assert time.monotonic() - t1 < TIMEOUT / 2
 
 
 def test_barrier_the_leader_aborted_is_not_waited_for(merge):

@@ -114,7 +114,7 @@ def test_unprotect_releases_the_ring_power_off_is_quick_and_the_other_vpg_goes_o
 
     t0 = time.monotonic()
     prot.call("DELETE", "/v1/protected/vpgs/gone")
-    wait_until(lambda: protected(prot)["pending_ring_records"] == 0, timeout=5,
+    wait_until(lambda: protected(prot)["pending_ring_records"] == 0, timeout=DRAIN_TIMEOUT,
                what="the ring to be freed past gone's records")
     released = time.monotonic() - t0
     assert "gone" not in protected(prot)["vpgs"]
@@ -123,8 +123,9 @@ def test_unprotect_releases_the_ring_power_off_is_quick_and_the_other_vpg_goes_o
     lab.power(groups["gone"][0]["name"], False)          # DETACH_VM: the host drains the VM's stream
     powered_off = time.monotonic() - t0
     print(f"unprotect released the ring in {released:.2f} s; power-off took {powered_off:.2f} s")
-    assert released < 3.0
-    assert powered_off < DRAIN_TIMEOUT / 3, f"power-off waited {powered_off:.1f} s for the drain"
+    # Neither waits out a drain timeout (the bound leaves room for a busy machine).
+    assert released < DRAIN_TIMEOUT * 0.7
+    assert powered_off < DRAIN_TIMEOUT * 0.7, f"power-off waited {powered_off:.1f} s for the drain"
 
     # stay replicates on, correctly, and never fell back to the bitmap
     for i, v in enumerate(groups["stay"]):
@@ -133,7 +134,7 @@ def test_unprotect_releases_the_ring_power_off_is_quick_and_the_other_vpg_goes_o
     time.sleep(2.0)
     t0 = time.monotonic()
     lab.power(groups["stay"][1]["name"], False)          # a VM of a VPG still streaming drains fast
-    assert time.monotonic() - t0 < DRAIN_TIMEOUT / 3
+    assert time.monotonic() - t0 < DRAIN_TIMEOUT * 0.7
     lab.workload(groups["stay"][0]["name"], {"action": "stop"})
     images_equal_sources(prot, rec, "stay", groups["stay"][:1])
     assert bitmap_writes(lab) == 0

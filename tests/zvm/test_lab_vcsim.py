@@ -85,7 +85,8 @@ def test_scenario_on_the_vcsim_lab(lab):
     assert hashes(lab, names, SUFFIX) == at_t1
     t = tm(d, "vpgs", "test-stop", "vpg-site-a", "--summary", "ok")
     assert t["Status"]["State"] == 6, t
-    assert not any(v.name.endswith(SUFFIX) for v in vc_b.vms())
+    wait_until(lambda: not any(v.name.endswith(SUFFIX) for v in vc_b.vms()),
+               what="the test VMs to leave vCenter")
 
     # vMotion through vCenter while protected: noticed, protection continues
     vc_a = vcenter(lab, "site-a")
@@ -107,13 +108,17 @@ def test_scenario_on_the_vcsim_lab(lab):
     t = tm(d, "vpgs", "failover", "vpg-site-a", "--checkpoint", t1, "--commit-policy", "none")
     assert t["Status"]["State"] == 2, t                       # waiting for commit or rollback
     assert hashes(lab, names) != at_t1                         # sources moved on since t1
-    recovered = {n: lab.api("site-b", "GET", f"/api/vms/{n}") for n in names}
-    assert all(v["power_state"] == "poweredOn" for v in recovered.values())
+    # The simulator may learn of VMs made through vCenter a watch cycle later.
+    def recovered_running():
+        on_b = {v["name"]: v for v in lab.status()["sites"][1]["vms"]}
+        return all(n in on_b and on_b[n]["power_state"] == "poweredOn" for n in names)
+    wait_until(recovered_running, what="the recovered VMs to run on site-b")
     for n in names:
         assert lab.api("site-b", "GET", f"/api/vms/{n}/disks/0/hash")["sha256"] == at_t1[n]
     t = tm(d, "vpgs", "rollback", "vpg-site-a")
     assert t["Type"] == "Failover" and t["Status"]["State"] == 5, t   # the failover, stopped
-    assert not any(v["name"] in names for v in lab.status()["sites"][1]["vms"])
+    wait_until(lambda: not any(v["name"] in names for v in lab.status()["sites"][1]["vms"]),
+               what="the rolled-back VMs to leave site-b")
     assert wait_until(lambda: tm(d, "vpgs", "show", vid)["Status"] == 1, timeout=90,
                       what="MeetingSLA after the rollback")
     report_types = {r["General"]["RecoveryType"] for r in tm(d, "reports", "list")}

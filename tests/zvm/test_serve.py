@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -13,15 +12,15 @@ from pathlib import Path
 
 import requests
 
+from appliance.zvm import vras
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port below the ephemeral range: no outgoing connection can take it before the ZVM binds."""
+    return vras.free_port("127.0.0.1")
 
 
 def test_init_and_serve_over_https(tmp_path):

@@ -203,8 +203,8 @@ def test_vra_tls_contents_and_trust_updates(zvm_lab, zvms, start_zvm, tmp_path):
         return tls_probe(int(port), client_cert, client_key, a_ca, host)
 
     wait_until(lambda: probe() == "accepted", 60, 0.5, "site-a's VRA to trust site-b's CA")
-    assert any(v["VraName"] in e["Description"] and "paired sites changed" in e["Description"]
-               for e in a.ok("GET", "/v1/events"))
+    wait_until(lambda: any(v["VraName"] in e["Description"] and "paired sites changed" in e["Description"]
+                           for e in a.ok("GET", "/v1/events")), 30, 0.2, "the VRA's event")
     assert appliance_files(zvm_lab, v["VraName"])["props"] == props   # properties unchanged
     pushed = key_file.parent / "trust-pushed.pem"
     assert (bpki / "ca.pem").read_text().strip() in pushed.read_text()

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import requests
 
+from appliance.zvm import vras
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,9 +27,8 @@ TOKEN_PATH = "/auth/realms/zerto/protocol/openid-connect/token"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port below the ephemeral range: no outgoing connection can take it before the ZVM binds."""
+    return vras.free_port("127.0.0.1")
 
 
 def _toml(value) -> str:
