@@ -3,6 +3,7 @@ model's bytes (and the point-in-time reader's), with whole-block hashes from the
 blocks through the reader, replica pages, holes, a concurrent promotion, format version 1
 records and corrupted records."""
 import random
+import time
 
 import numpy as np
 import pytest
@@ -255,6 +256,8 @@ def test_cached_hashes_are_the_image_at_their_position_while_appends_run(tmp_pat
         try:
             for batch, cps, t in batches:
                 j.append(VPG, batch, cps, time=t)
+                if cps:
+                    time.sleep(0.001)    # let the hashers see this position (the GIL may not)
         finally:
             stop.set()
             for t in ths:

@@ -1,5 +1,6 @@
 import random
 import threading
+import time
 
 import pytest
 
@@ -109,6 +110,8 @@ def test_reads_stay_correct_while_appends_run(tmp_path):
     def appender():
         for batch, cps, t in work:
             j.append(VPG, batch, cps, time=t)
+            if cps:
+                time.sleep(0.001)    # let the reader see this checkpoint (the GIL may not)
         done.set()
 
     t = threading.Thread(target=appender)
