@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from appliance.zvm.vras import free_port
+from appliance.ports import free_port
 
 from .procs import read_pidfile, spawn, write_pidfile
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import psutil
 import requests
 
+from appliance.ports import free_port
+
 from . import model
 from . import site_images
 from .iopath import sha256_file
@@ -164,7 +166,7 @@ class Site:
                  "pid_file": str(self.lab_dir / "pids" / f"host-{name}.pid"),
                  "port_file": str(hdir / "port.json"), "running": running,
                  # a restarted host answers where it did before (VRAs keep its address)
-                 "port": int(h.url.rsplit(":", 1)[1]) if h.url else 0}
+                 "port": int(h.url.rsplit(":", 1)[1]) if h.url else free_port("127.0.0.1")}
         Path(state["port_file"]).unlink(missing_ok=True)
         (hdir / "state.json").unlink(missing_ok=True)   # 0600: it may hold VRA tokens (image disks)
         (hdir / "state.json").touch(0o600)

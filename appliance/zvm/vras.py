@@ -40,12 +40,12 @@ import base64
 import logging
 import secrets
 import shutil
-import socket
 import threading
 import time
 
 import requests
 
+from ..ports import free_port
 from .errors import BadRequest, Conflict, NotFound, Unavailable, ZVMError
 from .inventory import hv_errors
 from .peer import decode, raise_problem
@@ -59,38 +59,6 @@ VRA_STATUSES = ["Installed", "UnsupportedEsxVersion", "NotInstalled", "Installin
 INSTALLED, INSTALLING, REMOVING, INSTALL_ERROR, UPGRADING = 0, 3, 4, 5, 10
 IP_CONFIG_TYPES = ["Dhcp", "Static"]
 IMAGE = "tidemark-vra"
-
-
-def _ephemeral_low() -> int:
-    """The first port of the kernel's ephemeral range (32768 where it cannot be read)."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port(host: str, taken: set[int] = frozenset()) -> int:
-    """A TCP port on ``host`` that nothing is bound to now, for a VRA to listen on once it has
-    started. Taken below the kernel's ephemeral range: any outgoing connection made meanwhile
-    gets its local port from that range, and one that got this port (a keep-alive session
-    lives long) made the VRA's bind fail with "address in use". ``taken``: ports handed out
-    already (VRAs not started yet). The ephemeral range itself if nothing below is free."""
-    low = _ephemeral_low()
-    rnd = secrets.SystemRandom()
-    for _ in range(200):
-        port = rnd.randrange(max(1024, low // 2), low)
-        if port in taken:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class VraClient:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from appliance.zvm import vras
+from appliance.ports import free_port as _free_port
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def free_port() -> int:
     """A port below the ephemeral range: no outgoing connection can take it before the ZVM binds."""
-    return vras.free_port("127.0.0.1")
+    return _free_port("127.0.0.1")
 
 
 def test_init_and_serve_over_https(tmp_path):

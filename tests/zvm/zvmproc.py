@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from appliance.zvm import vras
+from appliance.ports import free_port as _free_port
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ TOKEN_PATH = "/auth/realms/zerto/protocol/openid-connect/token"
 
 def free_port() -> int:
     """A port below the ephemeral range: no outgoing connection can take it before the ZVM binds."""
-    return vras.free_port("127.0.0.1")
+    return _free_port("127.0.0.1")
 
 
 def _toml(value) -> str:
