@@ -28,7 +28,6 @@ CLIENT_ID = "tidemark-lab"
 VPG_NAME = "vpg-site-a"
 
 
-
 def _write_secret(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
