@@ -44,6 +44,13 @@ def drain(client, replayer, idle=0.5):
         client.ack()
 
 
+def stop_consumer(stop, t, timeout=10):
+    """Tell a consumer thread to stop once its stream is idle, and check that it did."""
+    stop.set()
+    t.join(timeout)
+    assert not t.is_alive(), "the consumer thread did not stop"
+
+
 @pytest.fixture
 def host(tmp_path):
     h, stop = make_host(tmp_path)
@@ -94,9 +101,7 @@ def test_replay_reproduces_source(tmp_path, host, pattern, seed):
     for c in cfgs:
         host.io.sync(c["instance_uuid"])     # streamed while the consumer keeps draining
     drained()
-    stop.set()
-    t.join(10)
-    assert not t.is_alive(), "the consumer thread did not stop"
+    stop_consumer(stop, t)
     drain(client, rep, idle=0.3)
     for c in cfgs:
         for d, replica in zip(c["disks"], replica_paths(tmp_path, c)):
@@ -137,9 +142,7 @@ def test_vra_gone_then_back_bitmap_covers_gap(tmp_path, host):
         while host.workloads[uid].state != "stopped" and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        stop.set()
-        t.join(10)
-        assert not t.is_alive(), "the consumer thread did not stop"
+        stop_consumer(stop, t)
     assert sent > 0
     drain(client, rep)
     assert host.io.vms[uid].disks[0].dirty_count() == 0
@@ -242,9 +245,7 @@ def test_replay_4gib_disks_random_workload(tmp_path, host):
     spec = {"mbps": 0, "block_sizes": [4096, 65536, 1 << 20], "pattern": "random", "seed": 5,
             "total_bytes": 512 * MiB}
     stop, t = run_workloads(host, cfgs, spec, client, rep, timeout=300)
-    stop.set()
-    t.join(30)
-    assert not t.is_alive(), "the consumer thread did not stop"
+    stop_consumer(stop, t, 30)
     drain(client, rep, idle=0.3)
     assert host.io.stats.bitmap_writes == 0 and rep.gaps == []
     for c in cfgs:
@@ -335,9 +336,7 @@ def test_sync_blocks_streams_chosen_blocks_in_order_with_zero_records(tmp_path, 
         while host.workloads[uid].state != "stopped" and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        stop.set()
-        t.join(10)
-        assert not t.is_alive(), "the consumer thread did not stop"
+        stop_consumer(stop, t)
     drain_counting(0.3)
     assert out["unsent"] == out2["unsent"] == 0
     assert out["blocks"] + out["zero_blocks"] + out2["blocks"] + out2["zero_blocks"] == nblocks
@@ -387,9 +386,7 @@ def test_sync_blocks_of_scattered_blocks_through_a_ring_that_fills(tmp_path):
         try:
             out = h.io.sync_blocks(uid, 0, 4096, chosen + chosen[:5])     # duplicates are fine
         finally:
-            stop.set()
-            t.join(10)
-            assert not t.is_alive(), "the consumer thread did not stop"
+            stop_consumer(stop, t)
         for rec in client.records(idle_timeout=0.3):
             rep.apply(rec, client.ring.ring_id)
             client.ack()

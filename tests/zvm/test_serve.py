@@ -12,19 +12,14 @@ from pathlib import Path
 
 import requests
 
-from appliance.ports import free_port as _free_port
+from appliance.ports import free_port
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    """A port below the ephemeral range: no outgoing connection can take it before the ZVM binds."""
-    return _free_port("127.0.0.1")
-
-
 def test_init_and_serve_over_https(tmp_path):
-    port = free_port()
+    port = free_port("127.0.0.1")
     conf = tmp_path / "zvm.toml"
     conf.write_text(f'site_name = "site-x"\nport = {port}\ndata_dir = "data"\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TIDEMARK_ZVM_ADMIN_PASSWORD": "first-admin-pw"}

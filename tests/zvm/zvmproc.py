@@ -18,17 +18,12 @@ from pathlib import Path
 
 import requests
 
-from appliance.ports import free_port as _free_port
+from appliance.ports import free_port
 from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TIDEMARK = [sys.executable, "-m", "appliance.cli"]
 TOKEN_PATH = "/auth/realms/zerto/protocol/openid-connect/token"
-
-
-def free_port() -> int:
-    """A port below the ephemeral range: no outgoing connection can take it before the ZVM binds."""
-    return _free_port("127.0.0.1")
 
 
 def _toml(value) -> str:
@@ -46,7 +41,7 @@ class ZVMProcess:
                  **settings):
         self.dir = Path(directory)
         self.site_name = site_name
-        self.port = settings.pop("port", None) or free_port()
+        self.port = settings.pop("port", None) or free_port("127.0.0.1")
         self.settings = {"site_name": site_name, "data_dir": str(self.dir / "data"),
                          "listen_host": "127.0.0.1", "port": self.port, "threads": 16,
                          **settings}
