@@ -54,14 +54,20 @@ from the first write until the VRA has acknowledged the last record
 (sustained, not just what the guest saw; the guest-visible rate is printed as
 well).
 
-After the slices, the IO path's own work is measured apart (information only):
-the same ``IOPath.write`` on a second IO path with a ring of its own (freed in
-this process, no VRA) and a disk whose write is a no-op, against the raw way's
-fill with the same no-op: the CPU the path adds to a write (reservation, XXH3
-checksum, commit), best of 30 rounds, and the ratio that cost alone would leave
-against the raw write time just measured. What the mirrored ratio loses beyond
-that is lost outside the path's own work: in this machine's disk writes while
-the VRA runs beside them (bench/RESULTS.md, seventh and eighth sessions).
+After the slices, the IO path's own work is measured apart (information only),
+on a second IO path with a ring of its own (freed in this process, no VRA):
+
+* warm: the same ``IOPath.write`` to a disk whose write is a no-op, against the
+  raw way's fill with the same no-op: the CPU the path adds to a write
+  (reservation, XXH3 checksum, commit), best of 30 rounds, and the ratio that
+  cost alone would leave against the raw write time just measured;
+* in the write loop: ``IOPath.write`` with real O_DIRECT writes to a second disk
+  file, against raw writes of the same ops from the same ring memory,
+  alternating, median of 40 rounds. There the path's work runs right after each
+  disk wait, as in the guest's loop, with the CPU's caches cold, and costs 2-3
+  times what it costs warm (bench/RESULTS.md, fourteenth session). That ratio is
+  what the IO path alone leaves; the run's ratio over it is what the VRA running
+  beside the guest costs.
 
 The disk and replica files are written once with zeros before timing (no run
 pays ext4's first-write conversion of fallocated extents), and the disk file
@@ -306,21 +312,32 @@ def ratio_interval(t_reused, t_ring, t_mirrored, resamples=BOOT_RESAMPLES) -> tu
 
 
 CPU_ROUNDS = 30
+LOOP_ROUNDS = 40
 
 
-def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, rounds=CPU_ROUNDS) -> tuple[float, float]:
-    """The IO path's own CPU per write, with no disk and no VRA in the way: (mirrored µs, raw µs).
+def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, loop_disk: str | None = None,
+                  rounds=CPU_ROUNDS, loop_rounds=LOOP_ROUNDS) -> dict:
+    """The IO path's own cost per write with no VRA in the way, measured two ways.
 
     A second IO path on a ring of its own (freed by this process after each round, so no
-    VRA runs) writes ``ops`` through ``IOPath.write`` to a disk whose write is a no-op, and
-    the raw way fills buffers rotating through ``region`` and calls the same no-op.
-    Best of ``rounds``: the cost of the work itself, not of what else the machine did.
-    The difference is what the IO path adds to each write (reservation, checksum, commit).
+    VRA runs) writes ``ops`` through ``IOPath.write``:
+
+    * **warm** (``cpu_mirrored_us``, ``cpu_raw_us``): to a disk whose write is a no-op, against
+      the raw way filling buffers rotating through ``region`` and calling the same no-op. Best
+      of ``rounds``: the CPU of the work itself, with the caches warm from the write before.
+    * **in the write loop** (``loop_mirrored_us``, ``loop_raw_us``), with ``loop_disk`` (a
+      second disk file beside the real one, written once and dropped from the page cache): the
+      same ``IOPath.write`` with real O_DIRECT disk writes, against raw writes of the same ops
+      from the same ring memory, alternating, median of ``loop_rounds``. Here the path's work
+      runs where it does in the guest's loop, right after each disk wait, with the caches
+      cold: on this machine it costs 2-3 times what it costs warm (bench/RESULTS.md,
+      fourteenth session). The ratio of the two is the ratio the IO path alone leaves; the
+      mirrored ratio of the run is that times what the VRA running beside it costs.
     """
     from simulator.iopath import IOPath, VMRuntime, Disk
 
     scratch = Path(tempfile.mkdtemp(prefix="tidemark-bench-cpu-", dir=ring_dir))
-    io = cons = disk = None
+    io = cons = disk = ldisk = None
     try:
         io = IOPath(str(scratch / "cpu.ring"), ring_mib * MiB)
         data = io.ring.view[R.HEADER_SIZE:]
@@ -337,6 +354,11 @@ def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, rounds=CPU_ROUNDS) -> tup
         fills = [(off, _filler(src)) for off, src in ops]
         slots = ring_slots(region, bs)
         write, raw_write = io.write, io.raw_write
+
+        def free():
+            cons.cursor = io.ring._head
+            cons.ack()                                  # frees the round's records
+
         best_m = best_r = math.inf
         k = 0
         for _ in range(rounds):
@@ -344,8 +366,7 @@ def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, rounds=CPU_ROUNDS) -> tup
             for off, fill in fills:
                 write(vm, disk, off, bs, fill)
             t1 = time.perf_counter()
-            cons.cursor = io.ring._head
-            cons.ack()                                  # frees the round's records
+            free()
             t2 = time.perf_counter()
             for off, fill in fills:
                 buf = slots[k % len(slots)]
@@ -355,14 +376,42 @@ def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, rounds=CPU_ROUNDS) -> tup
             t3 = time.perf_counter()
             best_m = min(best_m, (t1 - t0) / len(fills))
             best_r = min(best_r, (t3 - t2) / len(fills))
+        out = {"cpu_mirrored_us": best_m * 1e6, "cpu_raw_us": best_r * 1e6}
+        if loop_disk is not None:
+            ldisk = Disk(0, loop_disk, os.path.getsize(loop_disk))   # O_DIRECT, as the host's
+            vm.disks = [ldisk]
+            ring_area = io.ring.view[R.HEADER_SIZE:R.HEADER_SIZE + io.ring.capacity]
+            rslots = ring_slots(ring_area, bs)
+            t_m, t_r = [], []
+            for i in range(loop_rounds):
+                for side in (("mirrored", "raw") if i % 2 == 0 else ("raw", "mirrored")):
+                    if side == "mirrored":
+                        t0 = time.perf_counter()
+                        for off, fill in fills:
+                            write(vm, ldisk, off, bs, fill)
+                            free()                      # no VRA: each record freed at once
+                        t_m.append(time.perf_counter() - t0)
+                    else:                               # the same memory, the ring being empty
+                        t0 = time.perf_counter()
+                        for off, fill in fills:
+                            buf = rslots[k % len(rslots)]
+                            k += 1
+                            fill(buf)
+                            raw_write(ldisk, off, buf)
+                            free()                      # the same bookkeeping as the other side
+                        t_r.append(time.perf_counter() - t0)
+            del rslots, ring_area
+            out["loop_mirrored_us"] = sorted(t_m)[len(t_m) // 2] / len(fills) * 1e6
+            out["loop_raw_us"] = sorted(t_r)[len(t_r) // 2] / len(fills) * 1e6
         if io.stats.bitmap_writes:
             raise RuntimeError("the CPU-cost ring overflowed")
-        return best_m * 1e6, best_r * 1e6
+        return out
     finally:
         if cons is not None:
             cons.close()
-        if disk is not None:
-            disk.close()
+        for d in (disk, ldisk):
+            if d is not None:
+                d.close()
         if io is not None:
             io.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -438,6 +487,10 @@ def main(argv=None) -> int:
         log(f"pre-allocating {args.disk_mib} MiB disk in {work}, replica in {rdir} ...")
         preallocate(disk_path, capacity, args.disk_init == "written", cached=False)   # O_DIRECT
         preallocate(replica_path, capacity, args.disk_init == "written")
+        # A second disk beside the real one, for the IO path measured in the write loop with no
+        # VRA (path_cpu_cost): the real disk must stay in step with the VRA's replica.
+        loop_disk_path = str(work / "loop0.img")
+        preallocate(loop_disk_path, capacity, args.disk_init == "written", cached=False)
         flush()
         host = Host(state)
         threading.Thread(target=host.serve_doorbell, args=(stop,), daemon=True).start()
@@ -579,16 +632,24 @@ def main(argv=None) -> int:
             # The IO path's own work, apart from the disk and the VRA (information: what the
             # path adds to a write, and the ratio that alone would leave at this raw speed).
             n_cpu = max(8, min(500, args.ring_mib * MiB // 2 // R.record_size(bs)))
-            cpu_mir, cpu_raw = path_cpu_cost(
+            cost = path_cpu_cost(
                 bs, make_ops(bs, n_cpu, args.seed * 65_537 + bs, capacity, content), region,
-                str(shm), args.ring_mib)
+                str(shm), args.ring_mib, loop_disk_path)
+            cpu_mir, cpu_raw = cost["cpu_mirrored_us"], cost["cpu_raw_us"]
             path_us = cpu_mir - cpu_raw
             raw_us = bs / raw_mbps                  # µs per raw write (MB/s = bytes per µs)
             path_ratio = raw_us / (raw_us + path_us)
+            loop_mir, loop_raw = cost["loop_mirrored_us"], cost["loop_raw_us"]
+            loop_ratio = loop_raw / loop_mir
             log(f"  {bs // KiB:>5} KiB: the IO path's own work {path_us:.1f} µs per write "
                 f"(mirrored {cpu_mir:.1f} - raw {cpu_raw:.1f} µs of CPU, disk write left out, best "
                 f"of {CPU_ROUNDS} rounds of {n_cpu}); against {raw_us:.1f} µs per raw write that alone "
                 f"would leave a ratio of {path_ratio:.3f}")
+            log(f"  {bs // KiB:>5} KiB: in the write loop, with O_DIRECT writes to a second disk and "
+                f"no VRA: mirrored {loop_mir:.1f} µs, raw {loop_raw:.1f} µs per write (median of "
+                f"{LOOP_ROUNDS} alternating rounds of {n_cpu}): the path costs {loop_mir - loop_raw:.1f} "
+                f"µs there, ratio {loop_ratio:.3f}; the VRA beside it then accounts for "
+                f"{mir_mbps / raw_mbps / loop_ratio:.3f} of the run's ratio")
             vra_after = vra_stats()
             applied = vra_after["writes"] - vra_before["writes"]
             warmup_bitmap = io.stats.bitmap_writes - bm_before - bitmap_writes
@@ -610,6 +671,9 @@ def main(argv=None) -> int:
                 "path_cpu_us": round(path_us, 2), "path_cpu_mirrored_us": round(cpu_mir, 2),
                 "path_cpu_raw_us": round(cpu_raw, 2), "raw_us_per_write": round(raw_us, 1),
                 "ratio_path_alone": round(path_ratio, 3),
+                "path_loop_mirrored_us": round(loop_mir, 1), "path_loop_raw_us": round(loop_raw, 1),
+                "ratio_path_in_loop": round(loop_ratio, 3),
+                "ratio_vra_share": round(mir_mbps / raw_mbps / loop_ratio, 3),
                 "ratio": round(mir_mbps / raw_mbps, 3),
                 "ratio_interval_95": [round(lo, 3), round(hi, 3)],
                 "pair_ratios": [round(x, 3) for x in pair_ratios],
@@ -700,6 +764,12 @@ def main(argv=None) -> int:
             f"{r['block_size'] // KiB} KiB {r['path_cpu_us']:.1f} µs of {r['raw_us_per_write']:.1f} "
             f"µs per raw write, ratio it alone leaves {r['ratio_path_alone']:.3f}"
             for r in results.values()))
+        print("the IO path in the write loop (O_DIRECT writes to a second disk, no VRA; information "
+              "only): " + "; ".join(
+                  f"{r['block_size'] // KiB} KiB mirrored {r['path_loop_mirrored_us']:.1f} µs, raw "
+                  f"{r['path_loop_raw_us']:.1f} µs per write, ratio {r['ratio_path_in_loop']:.3f}; "
+                  f"the run's ratio over that (the VRA's share) {r['ratio_vra_share']:.3f}"
+                  for r in results.values()))
         print("95% interval of each ratio, resampling the slices (how far one run's figure can be "
               "trusted): " + "; ".join(
                   f"{r['block_size'] // KiB} KiB {r['ratio_interval_95'][0]:.3f}-"
