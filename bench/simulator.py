@@ -64,10 +64,10 @@ on a second IO path with a ring of its own (freed in this process, no VRA):
 * in the write loop: ``IOPath.write`` with real O_DIRECT writes to a second disk
   file, against raw writes of the same ops from the same ring memory,
   alternating, median of 40 rounds. There the path's work runs right after each
-  disk wait, as in the guest's loop, with the CPU's caches cold, and costs 2-3
-  times what it costs warm (bench/RESULTS.md, fourteenth session). That ratio is
-  what the IO path alone leaves; the run's ratio over it is what the VRA running
-  beside the guest costs.
+  disk wait, as in the guest's loop, with the CPU's caches cold, and costs
+  several times what it costs warm (bench/RESULTS.md, fourteenth session). That
+  ratio is what the IO path alone leaves; the run's ratio over it is what the VRA
+  running beside the guest costs.
 
 The disk and replica files are written once with zeros before timing (no run
 pays ext4's first-write conversion of fallocated extents), and the disk file
@@ -330,7 +330,7 @@ def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, loop_disk: str | None = N
       same ``IOPath.write`` with real O_DIRECT disk writes, against raw writes of the same ops
       from the same ring memory, alternating, median of ``loop_rounds``. Here the path's work
       runs where it does in the guest's loop, right after each disk wait, with the caches
-      cold: on this machine it costs 2-3 times what it costs warm (bench/RESULTS.md,
+      cold: on this machine it costs several times what it costs warm (bench/RESULTS.md,
       fourteenth session). The ratio of the two is the ratio the IO path alone leaves; the
       mirrored ratio of the run is that times what the VRA running beside it costs.
     """
