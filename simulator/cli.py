@@ -12,6 +12,10 @@ dir_option = click.option("--dir", "directory", default=".lab", show_default=Tru
                           type=click.Path(file_okay=False), help="lab folder (pid files, logs, disks)")
 
 
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="print the simulator's whole JSON answer instead of a summary")
+
+
 def _fail(exc: Exception):
     click.echo(f"error: {exc}", err=True)
     sys.exit(2)
@@ -27,7 +31,10 @@ def _summary(st: dict):
             click.echo(f"  host {h['name']:<14} {h['state']:<12} pid {h['pid']}")
             for v in vms:
                 disks = ", ".join(f"{d['capacity_bytes'] >> 20} MiB" for d in v["disks"])
-                click.echo(f"    vm {v['name']:<14} {v['power_state']:<11} workload {v['workload']:<8} "
+                wl = v["workload"]
+                if v["power_state"] != "poweredOn" and wl in ("running", "paused"):
+                    wl += " at power-on"
+                click.echo(f"    vm {v['name']:<14} {v['power_state']:<11} workload {wl:<8} "
                            f"disks {disks}")
 
 
@@ -93,53 +100,89 @@ def down(directory):
     click.echo(f"lab stopped ({len(set(stopped))} processes)")
 
 
-def _op(fn):
+def _op(fn, as_json: bool = False, summary=None):
+    """Run a lab operation; print a one-line summary of its answer, or the whole JSON."""
     try:
         out = fn()
+        if as_json or summary is None:
+            click.echo(json.dumps(out, indent=1))
+        else:
+            click.echo(summary(out))
     except LabError as exc:
         _fail(exc)
-    click.echo(json.dumps(out, indent=1))
+
+
+def _vms_on(lab: Lab, host: str) -> str:
+    names = [v["name"] for s in lab.status()["sites"] for v in s["vms"] if v["host"] == host]
+    return ", ".join(names) or "none"
+
+
+def _spec_text(spec: dict) -> str:
+    """A workload spec in a few words: '20 MB/s random, 4/64 KiB, seed 1'."""
+    rate = f"{spec['mbps']:g} MB/s" if spec.get("mbps") else "as fast as it can"
+    if spec.get("iops"):
+        rate += f" (at most {spec['iops']:g} IOPS)"
+    sizes = "/".join(f"{b >> 10}" for b in spec.get("block_sizes", [])) + " KiB"
+    return f"{rate} {spec.get('pattern', 'random')}, {sizes}, seed {spec.get('seed')}"
 
 
 @lab.command()
 @dir_option
 @click.argument("vm")
 @click.argument("host")
-def vmotion(directory, vm, host):
+@json_option
+def vmotion(directory, vm, host, as_json):
     """Move a VM to another host of its site, under load if it runs one."""
-    _op(lambda: Lab(directory).vmotion(vm, host))
+    _op(lambda: Lab(directory).vmotion(vm, host), as_json,
+        lambda v: f"{v['name']} is on {v['host']} ({v['power_state']}"
+                  f"{', workload ' + v['workload']['state'] if v.get('workload') else ''})")
 
 
 @lab.command("fail-host")
 @dir_option
 @click.argument("host")
-def fail_host(directory, host):
+@json_option
+def fail_host(directory, host, as_json):
     """Kill a host's process: its VMs stop."""
-    _op(lambda: Lab(directory).fail_host(host))
+    lab_ = Lab(directory)
+    _op(lambda: lab_.fail_host(host), as_json,
+        lambda h: f"host {h['name']} {h['state']}; its VMs are off: {_vms_on(lab_, h['name'])}")
 
 
 @lab.command("restore-host")
 @dir_option
 @click.argument("host")
-def restore_host(directory, host):
+@json_option
+def restore_host(directory, host, as_json):
     """Restart a failed host and the VMs that ran on it."""
-    _op(lambda: Lab(directory).restore_host(host))
+    lab_ = Lab(directory)
+    _op(lambda: lab_.restore_host(host), as_json,
+        lambda h: f"host {h['name']} {h['state']} (pid {h['pid']}); VMs on it: "
+                  f"{_vms_on(lab_, h['name'])}")
+
+
+def _site_text(st: dict) -> str:
+    hosts = ", ".join(f"{h['name']} {h['state']}" for h in st["hosts"])
+    links = ", ".join(f"to {p} {'cut' if link['cut'] else 'up'}" for p, link in st["links"].items())
+    return f"site {st['name']} {st['state']}: hosts {hosts}; links {links or 'none'}"
 
 
 @lab.command("fail-site")
 @dir_option
 @click.argument("site")
-def fail_site(directory, site):
+@json_option
+def fail_site(directory, site, as_json):
     """Fail every host of a site, its vCenter and its links."""
-    _op(lambda: Lab(directory).fail_site(site))
+    _op(lambda: Lab(directory).fail_site(site), as_json, _site_text)
 
 
 @lab.command("restore-site")
 @dir_option
 @click.argument("site")
-def restore_site(directory, site):
+@json_option
+def restore_site(directory, site, as_json):
     """Bring a failed site back."""
-    _op(lambda: Lab(directory).restore_site(site))
+    _op(lambda: Lab(directory).restore_site(site), as_json, _site_text)
 
 
 @lab.command()
@@ -150,18 +193,43 @@ def restore_site(directory, site):
 @click.option("--pattern", type=click.Choice(["random", "sequential", "hotspot"]))
 @click.option("--block-sizes", help="comma-separated sizes in KiB, e.g. 4,64,1024")
 @click.option("--seed", type=int)
+@click.option("--defaults", is_flag=True,
+              help="start from the default settings, not from the VM's current ones")
 @click.option("--pause", "action", flag_value="pause", help="pause the workload")
 @click.option("--resume", "action", flag_value="resume", help="resume a paused workload")
 @click.option("--stop", "action", flag_value="stop", help="stop the workload")
-def workload(directory, vm, mbps, iops, pattern, block_sizes, seed, action):
-    """Start (with settings), pause, resume or stop a VM's guest workload."""
+@json_option
+def workload(directory, vm, mbps, iops, pattern, block_sizes, seed, defaults, action, as_json):
+    """Start or change (with settings), pause, resume or stop a VM's guest workload.
+
+    Settings not given keep the VM's current ones (or its last workload's), unless
+    --defaults: so `--mbps 20` changes only the rate, and the seed stays.
+    """
+    lab_ = Lab(directory)
+
+    def summary(w):
+        text = f"{vm} workload {w['state']}"
+        if w.get("spec") and w["state"] != "stopped":
+            text += ": " + _spec_text(w["spec"])
+        if w.get("error"):
+            text += f" (error: {w['error']})"
+        return text
+
     if action:
-        _op(lambda: Lab(directory).workload(vm, {"action": action}))
+        _op(lambda: lab_.workload(vm, {"action": action}), as_json, summary)
         return
-    spec = {"mbps": mbps, "iops": iops, "pattern": pattern, "seed": seed,
-            "block_sizes": [int(x) * 1024 for x in block_sizes.split(",")] if block_sizes else None}
-    _op(lambda: Lab(directory).workload(vm, {"action": "start",
-                                             "spec": {k: v for k, v in spec.items() if v is not None}}))
+    try:
+        given = {"mbps": mbps, "iops": iops, "pattern": pattern, "seed": seed,
+                 "block_sizes": [int(x) * 1024 for x in block_sizes.split(",")] if block_sizes
+                 else None}
+    except ValueError:
+        _fail(click.BadParameter(f"--block-sizes {block_sizes!r}: give sizes in KiB, e.g. 4,64"))
+
+    def start():
+        current = {} if defaults else (lab_.vm(vm).get("workload") or {}).get("spec") or {}
+        spec = {**current, **{k: v for k, v in given.items() if v is not None}}
+        return lab_.workload(vm, {"action": "start", "spec": spec})
+    _op(start, as_json, summary)
 
 
 @lab.command()
@@ -170,12 +238,31 @@ def workload(directory, vm, mbps, iops, pattern, block_sizes, seed, action):
 @click.argument("site_b")
 @click.option("--cut", "action", flag_value="cut")
 @click.option("--restore", "action", flag_value="restore")
-@click.option("--bandwidth-mbps", type=float, help="limit each direction to this many MB/s")
-@click.option("--latency-ms", type=float, help="add this one-way latency")
-def link(directory, site_a, site_b, action, bandwidth_mbps, latency_ms):
-    """Cut, restore or shape the WAN link between two sites."""
+@click.option("--bandwidth-mbps", type=float,
+              help="limit each direction to this many MB/s (0 or left out: no limit)")
+@click.option("--latency-ms", type=float, help="add this one-way latency (0 or left out: none)")
+@json_option
+def link(directory, site_a, site_b, action, bandwidth_mbps, latency_ms, as_json):
+    """Cut, restore or shape the WAN link between two sites.
+
+    Shaping sets both settings at once: `lab link A B` alone clears them.
+    """
+    def summary(links):
+        st = links[0]
+        if st["cut"]:
+            state = "cut"
+        elif st["bandwidth_mbps"] or st["latency_ms"]:
+            state = "up, " + ", ".join(
+                x for x in (f"{st['bandwidth_mbps']:g} MB/s each way" if st["bandwidth_mbps"] else "",
+                            f"{st['latency_ms']:g} ms latency each way" if st["latency_ms"] else "")
+                if x)
+        else:
+            state = "up, not shaped"
+        return f"link {site_a} <-> {site_b}: {state}"
+
+    lab_ = Lab(directory)
     if action:
-        _op(lambda: Lab(directory).link(site_a, site_b, action))
+        _op(lambda: lab_.link(site_a, site_b, action), as_json, summary)
     else:
-        _op(lambda: Lab(directory).link(site_a, site_b, "shape", bandwidth_mbps=bandwidth_mbps,
-                                        latency_ms=latency_ms))
+        _op(lambda: lab_.link(site_a, site_b, "shape", bandwidth_mbps=bandwidth_mbps or None,
+                              latency_ms=latency_ms or None), as_json, summary)

@@ -237,6 +237,10 @@ class Lab:
                 return s["name"]
         raise LabError(f"no host {host!r} in the lab")
 
+    def vm(self, vm: str) -> dict:
+        """A VM as its site's API shows it (with its workload's state and settings)."""
+        return self.api(self.find_vm(vm), "GET", f"/api/vms/{vm}")
+
     def vmotion(self, vm: str, host: str) -> dict:
         return self.api(self.find_vm(vm), "POST", f"/api/vms/{vm}/vmotion", json={"host": host})
 

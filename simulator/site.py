@@ -348,8 +348,9 @@ class Site:
                 self.save()
                 return vm.get("workload") or {"state": "stopped"}
             out = self.host(vm["host"]).call("POST", f"/vms/{vm['instance_uuid']}/workload", json=body)
-            vm["workload"] = {"state": out["workload"]["state"],
-                              "spec": out["workload"].get("spec", body.get("spec"))}
+            vm["workload"] = {"state": out["workload"]["state"],   # a stopped one keeps its spec
+                              "spec": (out["workload"].get("spec") or body.get("spec")
+                                       or (vm.get("workload") or {}).get("spec"))}
             self.save()
             return out["workload"]
 
