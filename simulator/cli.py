@@ -249,15 +249,12 @@ def link(directory, site_a, site_b, action, bandwidth_mbps, latency_ms, as_json)
     """
     def summary(links):
         st = links[0]
-        if st["cut"]:
-            state = "cut"
-        elif st["bandwidth_mbps"] or st["latency_ms"]:
-            state = "up, " + ", ".join(
-                x for x in (f"{st['bandwidth_mbps']:g} MB/s each way" if st["bandwidth_mbps"] else "",
-                            f"{st['latency_ms']:g} ms latency each way" if st["latency_ms"] else "")
-                if x)
-        else:
-            state = "up, not shaped"
+        shaping = []
+        if st["bandwidth_mbps"]:
+            shaping.append(f"{st['bandwidth_mbps']:g} MB/s each way")
+        if st["latency_ms"]:
+            shaping.append(f"{st['latency_ms']:g} ms latency each way")
+        state = "cut" if st["cut"] else "up, " + (", ".join(shaping) or "not shaped")
         return f"link {site_a} <-> {site_b}: {state}"
 
     lab_ = Lab(directory)

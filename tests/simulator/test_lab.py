@@ -218,50 +218,54 @@ def test_lab_cli_up_status_down_leaves_no_process(tmp_path):
     d = tmp_path / "clilab"
     cli = [sys.executable, "-m", "appliance.cli", "lab"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(cli + ["up", "--dir", str(d), "--disk-mib", "8", "--hosts", "2", "--vms", "1",
-                          "--no-zvm"],
-                   check=True, env=env, timeout=120, capture_output=True)
-    st = json.loads(subprocess.run(cli + ["status", "--dir", str(d), "--json"], check=True, env=env,
-                                   timeout=60, capture_output=True).stdout)
-    assert [s["name"] for s in st["sites"]] == ["site-a", "site-b"]
-    a = st["sites"][0]
-    assert a["kind"] == "vsphere" and a["simulator_url"].startswith("http://127.0.0.1:")
-    assert a["zvm_url"] is None and a["vms"][0]["disks"][0]["capacity_bytes"] == 8 << 20
-    pids = [json.loads(p.read_text())["pid"] for p in (d / "pids").glob("*.pid")]
-    assert len(pids) == 6                          # 2 controllers, 4 hosts
+    try:  # whatever fails, the lab goes down: no process may outlive the test
+        subprocess.run(cli + ["up", "--dir", str(d), "--disk-mib", "8", "--hosts", "2",
+                              "--vms", "1", "--no-zvm"],
+                       check=True, env=env, timeout=120, capture_output=True)
+        st = json.loads(subprocess.run(cli + ["status", "--dir", str(d), "--json"], check=True,
+                                       env=env, timeout=60, capture_output=True).stdout)
+        assert [s["name"] for s in st["sites"]] == ["site-a", "site-b"]
+        a = st["sites"][0]
+        assert a["kind"] == "vsphere" and a["simulator_url"].startswith("http://127.0.0.1:")
+        assert a["zvm_url"] is None and a["vms"][0]["disks"][0]["capacity_bytes"] == 8 << 20
+        pids = [json.loads(p.read_text())["pid"] for p in (d / "pids").glob("*.pid")]
+        assert len(pids) == 6                          # 2 controllers, 4 hosts
 
-    def run(*args, rc=0):
-        r = subprocess.run(cli + [*args, "--dir", str(d)], env=env, timeout=120,
-                           capture_output=True, text=True)
-        assert r.returncode == rc, r.stderr
-        return (r.stdout if rc == 0 else r.stderr).strip()
+        def run(*args, rc=0):
+            r = subprocess.run(cli + [*args, "--dir", str(d)], env=env, timeout=120,
+                               capture_output=True, text=True)
+            assert r.returncode == rc, r.stderr
+            return (r.stdout if rc == 0 else r.stderr).strip()
 
-    # Operations print one line each; settings not given keep the workload's current ones.
-    light = run("workload", "site-a-vm0", "--mbps", "3")         # the lab's light workload, faster
-    assert light.startswith("site-a-vm0 workload running: 3 MB/s (at most 50 IOPS) hotspot, ")
-    assert run("workload", "site-a-vm0", "--defaults", "--mbps", "3", "--seed", "7") == \
-        "site-a-vm0 workload running: 3 MB/s random, 4/64 KiB, seed 7"
-    assert run("workload", "site-a-vm0", "--pattern", "hotspot", "--block-sizes", "64") == \
-        "site-a-vm0 workload running: 3 MB/s hotspot, 64 KiB, seed 7"
-    assert run("workload", "site-a-vm0", "--stop") == "site-a-vm0 workload stopped"
-    assert run("workload", "site-a-vm0", "--iops", "20") == \
-        "site-a-vm0 workload running: 3 MB/s (at most 20 IOPS) hotspot, 64 KiB, seed 7"
-    assert run("workload", "site-a-vm0", "--defaults", "--mbps", "2") == \
-        "site-a-vm0 workload running: 2 MB/s random, 4/64 KiB, seed 1"
-    assert "give sizes in KiB" in run("workload", "site-a-vm0", "--block-sizes", "4,x", rc=2)
-    assert run("vmotion", "site-a-vm0", "site-a-h1") == \
-        "site-a-vm0 is on site-a-h1 (poweredOn, workload running)"
-    assert json.loads(run("vmotion", "site-a-vm0", "site-a-h0", "--json"))["host"] == "site-a-h0"
-    assert run("fail-host", "site-a-h0") == "host site-a-h0 failed; its VMs are off: site-a-vm0"
-    assert "vm site-a-vm0     poweredOff  workload running at power-on" in run("status")
-    assert run("restore-host", "site-a-h0").startswith("host site-a-h0 connected (pid ")
-    assert run("link", "site-a", "site-b", "--bandwidth-mbps", "5", "--latency-ms", "2") == \
-        "link site-a <-> site-b: up, 5 MB/s each way, 2 ms latency each way"
-    assert run("link", "site-a", "site-b") == "link site-a <-> site-b: up, not shaped"
-    assert run("workload", "nobody", "--mbps", "1", rc=2) == "error: no VM 'nobody' in the lab"
-    pids = [json.loads(p.read_text())["pid"] for p in (d / "pids").glob("*.pid")]   # restarted host
-    subprocess.run(cli + ["down", "--dir", str(d)], check=True, env=env, timeout=120,
-                   capture_output=True)
+        # Operations print one line each; settings not given keep the workload's current ones.
+        light = run("workload", "site-a-vm0", "--mbps", "3")   # the lab's light workload, faster
+        assert light.startswith("site-a-vm0 workload running: 3 MB/s (at most 50 IOPS) hotspot, ")
+        assert run("workload", "site-a-vm0", "--defaults", "--mbps", "3", "--seed", "7") == \
+            "site-a-vm0 workload running: 3 MB/s random, 4/64 KiB, seed 7"
+        assert run("workload", "site-a-vm0", "--pattern", "hotspot", "--block-sizes", "64") == \
+            "site-a-vm0 workload running: 3 MB/s hotspot, 64 KiB, seed 7"
+        assert run("workload", "site-a-vm0", "--stop") == "site-a-vm0 workload stopped"
+        assert run("workload", "site-a-vm0", "--iops", "20") == \
+            "site-a-vm0 workload running: 3 MB/s (at most 20 IOPS) hotspot, 64 KiB, seed 7"
+        assert run("workload", "site-a-vm0", "--defaults", "--mbps", "2") == \
+            "site-a-vm0 workload running: 2 MB/s random, 4/64 KiB, seed 1"
+        assert "give sizes in KiB" in run("workload", "site-a-vm0", "--block-sizes", "4,x", rc=2)
+        assert run("vmotion", "site-a-vm0", "site-a-h1") == \
+            "site-a-vm0 is on site-a-h1 (poweredOn, workload running)"
+        moved = json.loads(run("vmotion", "site-a-vm0", "site-a-h0", "--json"))
+        assert moved["host"] == "site-a-h0"
+        assert run("fail-host", "site-a-h0") == "host site-a-h0 failed; its VMs are off: site-a-vm0"
+        assert "vm site-a-vm0     poweredOff  workload running at power-on" in run("status")
+        assert run("restore-host", "site-a-h0").startswith("host site-a-h0 connected (pid ")
+        assert run("link", "site-a", "site-b", "--bandwidth-mbps", "5", "--latency-ms", "2") == \
+            "link site-a <-> site-b: up, 5 MB/s each way, 2 ms latency each way"
+        assert run("link", "site-a", "site-b") == "link site-a <-> site-b: up, not shaped"
+        assert run("workload", "nobody", "--mbps", "1", rc=2) == "error: no VM 'nobody' in the lab"
+        # again: the restored host has a new pid
+        pids = [json.loads(p.read_text())["pid"] for p in (d / "pids").glob("*.pid")]
+    finally:
+        subprocess.run(cli + ["down", "--dir", str(d)], check=True, env=env, timeout=120,
+                       capture_output=True)
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not any(str(d) in " ".join(p.info["cmdline"] or [])
