@@ -642,6 +642,7 @@ def main(argv=None) -> int:
             path_ratio = raw_us / (raw_us + path_us)
             loop_mir, loop_raw = cost["loop_mirrored_us"], cost["loop_raw_us"]
             loop_ratio = loop_raw / loop_mir
+            vra_share = mir_mbps / raw_mbps / loop_ratio   # what the VRA beside the guest costs
             log(f"  {bs // KiB:>5} KiB: the IO path's own work {path_us:.1f} µs per write "
                 f"(mirrored {cpu_mir:.1f} - raw {cpu_raw:.1f} µs of CPU, disk write left out, best "
                 f"of {CPU_ROUNDS} rounds of {n_cpu}); against {raw_us:.1f} µs per raw write that alone "
@@ -650,7 +651,7 @@ def main(argv=None) -> int:
                 f"no VRA: mirrored {loop_mir:.1f} µs, raw {loop_raw:.1f} µs per write (median of "
                 f"{LOOP_ROUNDS} alternating rounds of {n_cpu}): the path costs {loop_mir - loop_raw:.1f} "
                 f"µs there, ratio {loop_ratio:.3f}; the run's ratio over that (what the VRA beside "
-                f"the guest costs) {mir_mbps / raw_mbps / loop_ratio:.3f}")
+                f"the guest costs) {vra_share:.3f}")
             vra_after = vra_stats()
             applied = vra_after["writes"] - vra_before["writes"]
             warmup_bitmap = io.stats.bitmap_writes - bm_before - bitmap_writes
@@ -674,7 +675,7 @@ def main(argv=None) -> int:
                 "ratio_path_alone": round(path_ratio, 3),
                 "path_loop_mirrored_us": round(loop_mir, 1), "path_loop_raw_us": round(loop_raw, 1),
                 "ratio_path_in_loop": round(loop_ratio, 3),
-                "ratio_vra_share": round(mir_mbps / raw_mbps / loop_ratio, 3),
+                "ratio_vra_share": round(vra_share, 3),
                 "ratio": round(mir_mbps / raw_mbps, 3),
                 "ratio_interval_95": [round(lo, 3), round(hi, 3)],
                 "pair_ratios": [round(x, 3) for x in pair_ratios],
