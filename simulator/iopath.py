@@ -223,7 +223,7 @@ class IOPath(ResyncMixin):
                 pos, _seq, view = got
                 fill(view)
                 ring.seal(pos, view)
-                disk.write(view, offset)
+                self._write_or_abandon(disk, view, offset, length, pos)
                 ring.commit(pos)
                 stats.mirrored_writes += 1
                 stats.mirrored_bytes += length
@@ -238,6 +238,17 @@ class IOPath(ResyncMixin):
             stats.writes += 1
             stats.bytes += length
         return got is not None
+
+    def _write_or_abandon(self, disk: Disk, view, offset: int, length: int, pos: int):
+        """The disk write of a reserved record; if it fails (a full datastore, say), the record
+        becomes padding, so the VRA's stream goes on past it, the region is marked dirty (the
+        write may have reached part of it) and the guest gets the error."""
+        try:
+            disk.write(view, offset)
+        except OSError:
+            disk.mark_dirty(offset, length)
+            self.ring.abandon(pos)
+            raise
 
     def _wait_for_room(self, vm: VMRuntime, disk: Disk, offset: int, length: int, vm_seq: int):
         """The ring is full: wait up to the stall budget for the VRA to free room (then bitmap mode)."""

@@ -294,6 +294,14 @@ class RingProducer(_Mapped):
         REC.pack_into(self.mm, base, 0, PAD, 0, size - PAYLOAD_OFFSET, 0, 0, 0, 0, b"\0" * 16, 0)
         _U32.pack_into(self.mm, base, RECORD_MAGIC)
 
+    def abandon(self, pos: int):
+        """Turn a reserved record whose write failed into a PAD of the same size (committed), so
+        the consumer steps over it."""
+        base = HEADER_SIZE + pos % self.capacity
+        length = _U32.unpack_from(self.mm, base + 8)[0]
+        REC.pack_into(self.mm, base, 0, PAD, 0, length, 0, 0, 0, 0, b"\0" * 16, 0)
+        _U32.pack_into(self.mm, base, RECORD_MAGIC)
+
     def commit_header(self, pos: int, rtype: int, seq: int, disk: int, generation: int,
                       vm_seq: int, offset: int, vm_uuid: bytes, payload: memoryview):
         """Write the header and checksum of a reserved record, still without its magic."""

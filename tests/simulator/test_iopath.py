@@ -189,6 +189,53 @@ def test_corrupt_record_is_detected_not_served(tmp_path, host):
     client.close()
 
 
+def test_failed_disk_write_becomes_padding_and_dirty_and_the_stream_goes_on(tmp_path, host):
+    """A disk write that fails (here a real EBADF: the disk's write descriptor is read-only)
+    fails the guest's write, leaves no half-made record in the ring for the VRA to wait on
+    and marks the region dirty; the next write is mirrored as usual, and the replica matches
+    the disk once the bitmap is synced."""
+    import errno
+    from simulator.iopath import dirty_blocks
+    cfg = vm_cfg(tmp_path, "vm0")
+    host.start_vm(cfg, "power-on")
+    uid = cfg["instance_uuid"]
+    rep = Replayer({uid: replica_paths(tmp_path, cfg)})
+    client = MirrorClient(host.doorbell_path, vra="test")
+    disk = host.io.vms[uid].disks[0]
+    host.write(uid, 0, 0, b"a" * 65536)
+    good_wfd = disk.wfd
+    disk.wfd = ro = os.open(disk.path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as err:
+            host.write(uid, 0, 5 * 65536, b"b" * 65536)
+        assert err.value.errno == errno.EBADF
+    finally:
+        disk.wfd = good_wfd
+        os.close(ro)
+    assert set(dirty_blocks(disk.bitmap())) == {5}
+    assert host.io.stats.mirrored_writes == 1
+    host.write(uid, 0, 7 * 65536, b"c" * 65536)
+    recs = list(client.records(idle_timeout=0.3))
+    assert [(r.type, r.offset) for r in recs if r.type == R.WRITE] == [(R.WRITE, 0),
+                                                                       (R.WRITE, 7 * 65536)]
+    for r in recs:
+        rep.apply(r, client.ring.ring_id)
+    client.ack()
+    stop = threading.Event()
+    t = threading.Thread(target=lambda: [drain(client, rep, idle=0.1) for _ in iter(stop.is_set, True)])
+    t.start()
+    try:
+        assert host.io.sync(uid) == 1
+    finally:
+        stop_consumer(stop, t)
+    drain(client, rep)
+    assert disk.dirty_count() == 0
+    d = cfg["disks"][0]
+    assert sha256_file(replica_paths(tmp_path, cfg)[0], d["capacity_bytes"]) == \
+        sha256_file(d["path"], d["capacity_bytes"])
+    client.close()
+
+
 def test_crash_recovery_marks_uncommitted_and_unconsumed(tmp_path):
     host, stop = make_host(tmp_path)
     cfg = vm_cfg(tmp_path, "vm0")
