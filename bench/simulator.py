@@ -350,9 +350,9 @@ def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, loop_disk: str | None = N
         disk = Disk(0, str(scratch / "cpu.img"), max(off for off, _ in ops) + bs, direct=False)
         vm = VMRuntime(str(uuid.uuid5(uuid.NAMESPACE_DNS, "bench-cpu")), "bench-cpu", [disk])
         io.vms[vm.uuid] = vm
-        # This disk object only: no disk in the way. Its writes go to /dev/null, both the raw
-        # way's and the IO path's (the compiled path writes to ``wfd`` itself), so that both
-        # sides make the same one cheap system call per write.
+        # This disk object only: no disk in the way. Its writes, the raw way's and the IO
+        # path's, go to /dev/null (its write descriptor too), so that both sides make the same
+        # one cheap system call per write.
         null_fd = os.open(os.devnull, os.O_WRONLY)
         disk.wfd = null_fd
         disk.write = lambda view, offset: os.pwrite(null_fd, view, offset)
