@@ -351,10 +351,9 @@ def path_cpu_cost(bs, ops, region, ring_dir, ring_mib, loop_disk: str | None = N
         vm = VMRuntime(str(uuid.uuid5(uuid.NAMESPACE_DNS, "bench-cpu")), "bench-cpu", [disk])
         io.vms[vm.uuid] = vm
         # This disk object only: no disk in the way. Its writes, the raw way's and the IO
-        # path's, go to /dev/null (its write descriptor too), so that both sides make the same
-        # one cheap system call per write.
+        # path's, go to /dev/null, so that both sides make the same one cheap system call per
+        # write.
         null_fd = os.open(os.devnull, os.O_WRONLY)
-        disk.wfd = null_fd
         disk.write = lambda view, offset: os.pwrite(null_fd, view, offset)
         io.attached = "bench-cpu"
         cons = R.RingConsumer(str(scratch / "cpu.ring"))

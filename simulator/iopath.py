@@ -223,7 +223,11 @@ class IOPath(ResyncMixin):
                 pos, _seq, view = got
                 fill(view)
                 ring.seal(pos, view)
-                self._write_or_abandon(disk, view, offset, length, pos)
+                try:
+                    disk.write(view, offset)
+                except OSError:
+                    self._abandon(disk, offset, length, pos)
+                    raise
                 ring.commit(pos)
                 stats.mirrored_writes += 1
                 stats.mirrored_bytes += length
@@ -239,16 +243,12 @@ class IOPath(ResyncMixin):
             stats.bytes += length
         return got is not None
 
-    def _write_or_abandon(self, disk: Disk, view, offset: int, length: int, pos: int):
-        """The disk write of a reserved record; if it fails (a full datastore, say), the record
-        becomes padding, so the VRA's stream goes on past it, the region is marked dirty (the
-        write may have reached part of it) and the guest gets the error."""
-        try:
-            disk.write(view, offset)
-        except OSError:
-            disk.mark_dirty(offset, length)
-            self.ring.abandon(pos)
-            raise
+    def _abandon(self, disk: Disk, offset: int, length: int, pos: int):
+        """The disk write of a reserved record failed (a full datastore, say): the record becomes
+        padding, so the VRA's stream goes on past it, and the region is marked dirty (the write
+        may have reached part of it); the caller gives the guest the error."""
+        disk.mark_dirty(offset, length)
+        self.ring.abandon(pos)
 
     def _wait_for_room(self, vm: VMRuntime, disk: Disk, offset: int, length: int, vm_seq: int):
         """The ring is full: wait up to the stall budget for the VRA to free room (then bitmap mode)."""

@@ -295,8 +295,8 @@ class RingProducer(_Mapped):
         _U32.pack_into(self.mm, base, RECORD_MAGIC)
 
     def abandon(self, pos: int):
-        """Turn a reserved record whose write failed into a PAD of the same size (committed), so
-        the consumer steps over it."""
+        """Turn a reserved record into a PAD of the same size (committed), so the consumer steps
+        over it: one whose disk write failed, or one left uncommitted by a crash."""
         base = HEADER_SIZE + pos % self.capacity
         length = _U32.unpack_from(self.mm, base + 8)[0]
         REC.pack_into(self.mm, base, 0, PAD, 0, length, 0, 0, 0, 0, b"\0" * 16, 0)
@@ -371,8 +371,7 @@ class RingProducer(_Mapped):
                     rec = self.read(pos, verify=True)
                 except RingCorrupt:
                     rec = None
-                REC.pack_into(self.mm, base, 0, PAD, 0, length, 0, 0, 0, 0, b"\0" * 16, 0)
-                _U32.pack_into(self.mm, base, RECORD_MAGIC)
+                self.abandon(pos)
             yield pos, rec
             pos += record_size(length)
 
